@@ -1,0 +1,123 @@
+"""The adapter bank: resident adapters by slot beside one frozen base model.
+
+Adapter ids (user-facing names) map to slots (internal integers); `BASE_SLOT` means the bare base.
+The bank fills and frees slots while serving: `add` stores an adapter's weights in every layer it
+targets, `remove` frees the slot for the next one. `routing(slots)` installs, for one batch, which
+rows use which adapter, so one forward pass serves the whole mixed batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+from .adapter_ids import BASE_ADAPTER_ID
+from .base_model import banked_layer
+from .errors import AdapterNotFound, Unavailable
+from .layers import BankedLinear
+from .lora_loading import LoraAdapter
+
+BASE_SLOT = -1
+
+
+@dataclass(frozen=True)
+class BankEntry:
+    """A resident adapter: its slot, content version, adapted modules and device bytes."""
+
+    adapter_id: str
+    version: str
+    slot: int
+    modules: tuple[str, ...]
+    nbytes: int
+
+
+BASE_ENTRY = BankEntry(BASE_ADAPTER_ID, "", BASE_SLOT, (), 0)
+
+
+class AdapterBank:
+    """Up to `capacity` resident adapters. Thread-safe; one routed batch at a time."""
+
+    def __init__(self, model: nn.Module, capacity: int):
+        if capacity < 1:
+            raise ValueError("bank capacity must be at least 1")
+        self._model = model
+        self.capacity = capacity
+        self._entries: dict[str, BankEntry] = {}
+        self._layers: dict[str, BankedLinear] = {}
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self._entries
+
+    def entries(self) -> list[BankEntry]:
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: e.slot)
+
+    def resolve(self, adapter_id: str) -> BankEntry:
+        """The entry serving `adapter_id` ('' is the base). Raises AdapterNotFound."""
+        if adapter_id == BASE_ADAPTER_ID:
+            return BASE_ENTRY
+        entry = self._entries.get(adapter_id)
+        if entry is None:
+            raise AdapterNotFound(adapter_id)
+        return entry
+
+    def add(self, adapter: LoraAdapter) -> BankEntry:
+        """Make `adapter` resident, replacing an earlier version of the same id."""
+        with self._lock:
+            if adapter.adapter_id in self._entries:
+                self.remove(adapter.adapter_id)
+            used = {e.slot for e in self._entries.values()}
+            free = next((s for s in range(self.capacity) if s not in used), None)
+            if free is None:
+                raise Unavailable(f"adapter bank is full ({self.capacity} slots)")
+            for name, weights in adapter.modules.items():
+                layer = self._layers.get(name) or banked_layer(self._model, name)
+                layer.store(free, weights.a, weights.b_scaled)
+                self._layers[name] = layer
+            entry = BankEntry(adapter.adapter_id, adapter.version, free, tuple(adapter.modules), adapter.nbytes)
+            self._entries[adapter.adapter_id] = entry
+            return entry
+
+    def remove(self, adapter_id: str) -> None:
+        """Free the slot of `adapter_id`. Raises AdapterNotFound if it is not resident."""
+        with self._lock:
+            entry = self._entries.pop(adapter_id, None)
+            if entry is None:
+                raise AdapterNotFound(adapter_id)
+            for name in entry.modules:
+                self._layers[name].drop(entry.slot)
+
+    @contextmanager
+    def routing(self, slots: Sequence[int]) -> Iterator[BatchRouting]:
+        """Route batch row i to bank slot slots[i] for the forwards run inside the block."""
+        with self._lock:
+            routing = BatchRouting(self._layers.values())
+            routing.set_slots(slots)
+            try:
+                yield routing
+            finally:
+                routing.clear()
+
+
+class BatchRouting:
+    """Per-batch routes installed in every banked layer; `set_slots` again when rows change."""
+
+    def __init__(self, layers):
+        self._layers = list(layers)
+
+    def set_slots(self, slots: Sequence[int]) -> None:
+        slots = list(slots)
+        for layer in self._layers:
+            layer.route = layer.make_route(slots)
+
+    def clear(self) -> None:
+        for layer in self._layers:
+            layer.route = None

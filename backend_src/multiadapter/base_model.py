@@ -1,0 +1,92 @@
+"""Loading the frozen base model and describing which of its modules adapters may target."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from .errors import ConfigError
+from .layers import BankedLinear
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "mistral", "qwen2", "gpt_neox", "opt", "phi3")
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """A module of the base model: its type name and, for adaptable ones, its feature sizes."""
+
+    name: str
+    type_name: str
+    in_features: int = 0
+    out_features: int = 0
+    adaptable: bool = False
+    is_output_layer: bool = False
+
+
+def load_base_model(path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Load a Hugging Face causal LM directory (weights from safetensors only), frozen, in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError("base model", [f"{path} has no config.json (expected a Hugging Face model directory)"])
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if not list(path.glob("*.safetensors")):
+        raise ConfigError("base model", [f"{path} has no *.safetensors weights (pickle weights are not loaded)"])
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, local_files_only=True, use_safetensors=True
+    )
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def describe_modules(model: nn.Module) -> dict[str, ModuleInfo]:
+    """Every named module of `model`, marking the Linear / Conv1D ones that LoRA can adapt.
+
+    Call before any layer is wrapped: the result describes the base model as loaded.
+    """
+    output_layer = model.get_output_embeddings()
+    infos: dict[str, ModuleInfo] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if isinstance(module, nn.Linear):
+            infos[name] = ModuleInfo(
+                name, "Linear", module.in_features, module.out_features, True, module is output_layer
+            )
+        elif isinstance(module, Conv1D):
+            n_in, n_out = module.weight.shape
+            infos[name] = ModuleInfo(name, "Conv1D", int(n_in), int(n_out), True, module is output_layer)
+        else:
+            infos[name] = ModuleInfo(name, type(module).__name__)
+    return infos
+
+
+def banked_layer(model: nn.Module, name: str) -> BankedLinear:
+    """The BankedLinear at `name`, wrapping the base module there on first use."""
+    module = model.get_submodule(name)
+    if isinstance(module, BankedLinear):
+        return module
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    wrapped = BankedLinear(module)
+    setattr(parent, child, wrapped)
+    return wrapped
+
+
+def context_window(model: nn.Module) -> int:
+    """Maximum number of positions the model was configured for."""
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ConfigError("base model", ["config.json states no context window (max_position_embeddings)"])

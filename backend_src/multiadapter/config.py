@@ -1,0 +1,94 @@
+"""Typed engine configuration, parsed once from string parameters (Triton config / environment)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+from .lora_loading import DEFAULT_MAX_ADAPTER_BYTES
+from .sampling import SamplingLimits
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENV_BASE_MODEL = "MULTIADAPTER_BASE_MODEL"
+ENV_ADAPTER_DIR = "MULTIADAPTER_ADAPTER_DIR"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start. `dtype` 'auto' is float32 on CPU and bfloat16 on GPU."""
+
+    base_model: Path
+    adapter_dir: Path | None = None
+    dtype: str = "auto"
+    max_adapters: int = 64
+    limits: SamplingLimits = SamplingLimits()
+    num_threads: int = 0
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> EngineConfig:
+        """Build from string parameters; `env` (default os.environ) overrides the two paths.
+
+        Keys: base_model, adapter_dir, dtype, max_adapters, default_max_tokens, max_tokens_cap,
+        num_threads, max_adapter_bytes. Unknown keys and bad values are all reported together.
+        """
+        env = os.environ if env is None else env
+        known = {
+            "base_model", "adapter_dir", "dtype", "max_adapters", "default_max_tokens",
+            "max_tokens_cap", "num_threads", "max_adapter_bytes",
+        }
+        problems = [f"unknown parameter {k!r}" for k in params if k not in known]
+        base = env.get(ENV_BASE_MODEL) or params.get("base_model", "")
+        adapters = env.get(ENV_ADAPTER_DIR) or params.get("adapter_dir", "")
+        if not base:
+            problems.append(f"base_model is not set (parameter base_model or ${ENV_BASE_MODEL})")
+        elif not (Path(base) / "config.json").is_file():
+            problems.append(f"base_model {base!r} is not a Hugging Face model directory (no config.json)")
+        if adapters and not Path(adapters).is_dir():
+            problems.append(f"adapter_dir {adapters!r} is not a directory")
+        dtype = params.get("dtype", "auto") or "auto"
+        if dtype != "auto" and dtype not in DTYPES:
+            problems.append(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+
+        def integer(key: str, default: int, minimum: int) -> int:
+            raw = params.get(key, "")
+            if raw == "":
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                problems.append(f"{key} must be an integer, got {raw!r}")
+                return default
+            if value < minimum:
+                problems.append(f"{key} must be >= {minimum}, got {value}")
+            return value
+
+        defaults = SamplingLimits()
+        limits = SamplingLimits(
+            default_max_tokens=integer("default_max_tokens", defaults.default_max_tokens, 1),
+            max_tokens_cap=integer("max_tokens_cap", defaults.max_tokens_cap, 1),
+        )
+        if limits.default_max_tokens > limits.max_tokens_cap:
+            problems.append("default_max_tokens must not exceed max_tokens_cap")
+        config = cls(
+            base_model=Path(base),
+            adapter_dir=Path(adapters) if adapters else None,
+            dtype=dtype,
+            max_adapters=integer("max_adapters", 64, 1),
+            limits=limits,
+            num_threads=integer("num_threads", 0, 0),
+            max_adapter_bytes=integer("max_adapter_bytes", DEFAULT_MAX_ADAPTER_BYTES, 1),
+        )
+        if problems:
+            raise ConfigError("multi-adapter model configuration", problems)
+        return config
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

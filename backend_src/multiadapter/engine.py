@@ -1,0 +1,196 @@
+"""The engine: one frozen base model, its adapter bank, and batched generation for mixed requests.
+
+`Engine.generate` takes a list of requests (each with its own adapter and sampling parameters) and
+returns one outcome per request, in order: a result, or the RequestError that failed that request
+alone. All valid requests run together through one batched generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapter_ids import adapter_directory, check_adapter_id, discover_adapter_ids
+from .bank import AdapterBank, BankEntry
+from .base_model import ModuleInfo, context_window, describe_modules, load_base_model
+from .config import EngineConfig
+from .errors import AdapterLoadError, AdapterNotFound, InvalidRequest, RequestError
+from .generation import Batch, RowRequest, forward_logits, generate_rows, left_pad
+from .lora_loading import load_lora_adapter
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request at token level. Optional sampling fields are None when the client left them out."""
+
+    input_ids: Sequence[int]
+    adapter_id: str = ""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Generated token ids and the adapter (id and content version) that produced them."""
+
+    output_ids: list[int]
+    adapter_id: str
+    adapter_version: str
+    finish_reason: str
+
+
+class AdapterRefused(AdapterNotFound):
+    """A request names an adapter that exists on disk but was refused at load."""
+
+    def __init__(self, adapter_id: str, reason: str):
+        super().__init__(adapter_id)
+        self.args = (f"adapter {adapter_id!r} is not servable: {reason}",)
+
+
+class Engine:
+    """Serves generation for the base model and every resident adapter, mixed in one batch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: EngineConfig,
+        device: torch.device,
+        *,
+        eos_ids: frozenset[int],
+        pad_id: int,
+    ):
+        self.model = model
+        self.config = config
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.modules: dict[str, ModuleInfo] = describe_modules(model)
+        self.bank = AdapterBank(model, config.max_adapters)
+        self.context_window = context_window(model)
+        self.eos_ids = eos_ids
+        self.pad_id = pad_id
+        self.refused: dict[str, str] = {}
+        self._seeds = np.random.default_rng()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, config: EngineConfig, device: torch.device | str = "cpu") -> Engine:
+        """Load the base model and every adapter found under `config.adapter_dir`."""
+        device = torch.device(device)
+        model = load_base_model(config.base_model, device, config.torch_dtype(device))
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = model.config.eos_token_id
+        eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        pad = model.generation_config.pad_token_id
+        if pad is None:
+            pad = model.config.pad_token_id
+        if pad is None:
+            pad = min(eos_ids) if eos_ids else 0
+        engine = cls(model, config, device, eos_ids=eos_ids, pad_id=int(pad))
+        if config.adapter_dir is not None:
+            for adapter_id in discover_adapter_ids(config.adapter_dir):
+                engine.load_adapter(adapter_id)
+        return engine
+
+    def load_adapter(self, adapter_id: str) -> BankEntry | None:
+        """Load `adapter_id` from the adapter directory into the bank; a refusal is logged and recorded."""
+        if self.config.adapter_dir is None:
+            raise AdapterNotFound(adapter_id)
+        directory = adapter_directory(self.config.adapter_dir, adapter_id)
+        try:
+            adapter = load_lora_adapter(
+                adapter_id,
+                directory,
+                self.modules,
+                dtype=self.dtype,
+                device=self.device,
+                max_bytes=self.config.max_adapter_bytes,
+            )
+        except AdapterLoadError as exc:
+            self.refused[adapter_id] = "; ".join(exc.problems)
+            log.error("%s", exc)
+            return None
+        entry = self.bank.add(adapter)
+        self.refused.pop(adapter_id, None)
+        log.info("adapter %r %s loaded into slot %d", adapter_id, adapter.version, entry.slot)
+        return entry
+
+    def resolve(self, adapter_id: str) -> BankEntry:
+        """Bank entry for a request's adapter id ('' is the base). Raises a RequestError."""
+        check_adapter_id(adapter_id)
+        if adapter_id in self.refused:
+            raise AdapterRefused(adapter_id, self.refused[adapter_id])
+        return self.bank.resolve(adapter_id)
+
+    def _prepare(self, request: GenerationRequest) -> tuple[RowRequest, BankEntry]:
+        entry = self.resolve(request.adapter_id)
+        n_prompt = len(request.input_ids)
+        if n_prompt == 0:
+            raise InvalidRequest("the prompt is empty")
+        if n_prompt >= self.context_window:
+            raise InvalidRequest(
+                f"the prompt has {n_prompt} tokens; the context window is {self.context_window} tokens"
+            )
+        params = SamplingParams.from_request(
+            self.config.limits,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+        )
+        budget = min(params.max_tokens, self.context_window - n_prompt)
+        row = RowRequest(
+            input_ids=list(request.input_ids),
+            slot=entry.slot,
+            params=params,
+            max_new_tokens=budget,
+            fallback_seed=int(self._seeds.integers(0, 2**63)),
+        )
+        return row, entry
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | RequestError]:
+        """One outcome per request, in order. Invalid requests fail alone; the rest share one batch."""
+        outcomes: list[GenerationResult | RequestError | None] = [None] * len(requests)
+        rows: list[RowRequest] = []
+        entries: list[BankEntry] = []
+        positions: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                row, entry = self._prepare(request)
+            except RequestError as exc:
+                outcomes[i] = exc
+                continue
+            rows.append(row)
+            entries.append(entry)
+            positions.append(i)
+        if rows:
+            with self._lock, torch.inference_mode(), self.bank.routing([r.slot for r in rows]) as routing:
+                generated = generate_rows(
+                    self.model, routing, rows, eos_ids=self.eos_ids, pad_id=self.pad_id, device=self.device
+                )
+            for i, entry, out in zip(positions, entries, generated, strict=True):
+                outcomes[i] = GenerationResult(out.token_ids, entry.adapter_id, entry.version, out.finish_reason)
+        return outcomes  # type: ignore[return-value]
+
+    def logits(
+        self, prompts: Sequence[Sequence[int]], adapter_ids: Sequence[str]
+    ) -> tuple[torch.Tensor, Batch]:
+        """Logits of a left-padded mixed batch in one forward: ([B, T, V], the padded batch)."""
+        slots = [self.resolve(a).slot for a in adapter_ids]
+        batch = left_pad(prompts, self.pad_id, self.device)
+        with self._lock, torch.inference_mode(), self.bank.routing(slots):
+            return forward_logits(self.model, batch), batch
+

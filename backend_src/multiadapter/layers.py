@@ -1,0 +1,125 @@
+"""A frozen base linear layer plus per-row LoRA deltas read from bank storage.
+
+The bank writes adapter weights into each wrapped layer's storage by slot; before a forward pass it
+installs a `Route` saying which batch rows use which stored adapter. The forward computes the base
+layer once for the whole batch and adds the low-rank deltas only to the rows whose adapter targets
+this layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def lora_delta(x: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """Low-rank update of rows of activations.
+
+    Shapes: x [n, T, in]; a_t [in, r] (one adapter for all rows) or [n, in, r] (one per row);
+    b_t [r, out] or [n, r, out], with the scale already folded into b_t. Returns [n, T, out].
+
+    Semantics: delta[i] = (x[i] @ a_t[i]) @ b_t[i]  ==  s * (x[i] @ A[slot[i]].T) @ B[slot[i]].T
+    """
+    return torch.matmul(torch.matmul(x, a_t), b_t)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which rows of the batch this layer adapts, with their weights gathered once per batch.
+
+    rows: [n] indices into the batch, or None when every row is adapted.
+    a_t: [in, r] shared by all adapted rows, or [n, in, r]; b_t: [r, out] or [n, r, out].
+    """
+
+    rows: torch.Tensor | None
+    a_t: torch.Tensor
+    b_t: torch.Tensor
+
+
+class BankedLinear(nn.Module):
+    """Wraps an `nn.Linear` or GPT-2 `Conv1D`; holds this layer's share of the adapter bank.
+
+    Storage: a_t [n_local, in, r_max], b_t [n_local, r_max, out]; rank padding is zero, so an adapter
+    of a smaller rank computes exactly its own product. `local_of_slot` maps bank slots to rows of the
+    storage; slots of adapters that do not target this layer are absent.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            in_features, out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            in_features, out_features = base.weight.shape
+        else:
+            raise TypeError(f"cannot adapt a {type(base).__name__}")
+        self.base = base
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        weight = base.weight
+        self.register_buffer("a_t", weight.new_zeros(0, self.in_features, 0), persistent=False)
+        self.register_buffer("b_t", weight.new_zeros(0, 0, self.out_features), persistent=False)
+        self.local_of_slot: dict[int, int] = {}
+        self.route: Route | None = None
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.a_t.shape[2])
+
+    def store(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
+        """Store an adapter for `slot`. a: [r, in]; b_scaled: [out, r] (scale folded in)."""
+        rank = a.shape[0]
+        if a.shape != (rank, self.in_features) or b_scaled.shape != (self.out_features, rank):
+            raise ValueError(f"shape mismatch: A {tuple(a.shape)}, B {tuple(b_scaled.shape)}")
+        if rank > self.max_rank:
+            pad = rank - self.max_rank
+            self.a_t = nn.functional.pad(self.a_t, (0, pad))
+            self.b_t = nn.functional.pad(self.b_t, (0, 0, 0, pad))
+        local = self.local_of_slot.get(slot)
+        if local is None:
+            used = set(self.local_of_slot.values())
+            free = [i for i in range(self.a_t.shape[0]) if i not in used]
+            if free:
+                local = free[0]
+            else:
+                local = self.a_t.shape[0]
+                self.a_t = torch.cat([self.a_t, self.a_t.new_zeros(1, *self.a_t.shape[1:])])
+                self.b_t = torch.cat([self.b_t, self.b_t.new_zeros(1, *self.b_t.shape[1:])])
+        self.a_t[local].zero_()
+        self.b_t[local].zero_()
+        self.a_t[local, :, :rank] = a.t().to(self.a_t)
+        self.b_t[local, :rank, :] = b_scaled.t().to(self.b_t)
+        self.local_of_slot[slot] = local
+
+    def drop(self, slot: int) -> None:
+        """Forget the adapter of `slot`; its storage row is zeroed and reused by the next store."""
+        local = self.local_of_slot.pop(slot, None)
+        if local is not None:
+            self.a_t[local].zero_()
+            self.b_t[local].zero_()
+
+    def make_route(self, slots: list[int]) -> Route | None:
+        """Route for a batch whose row i uses bank slot slots[i] (the base sentinel maps to nothing)."""
+        rows = [i for i, slot in enumerate(slots) if slot in self.local_of_slot]
+        if not rows:
+            return None
+        locals_ = [self.local_of_slot[slots[i]] for i in rows]
+        device = self.a_t.device
+        row_index = None if len(rows) == len(slots) else torch.tensor(rows, device=device)
+        if len(set(locals_)) == 1:
+            return Route(row_index, self.a_t[locals_[0]], self.b_t[locals_[0]])
+        index = torch.tensor(locals_, device=device)
+        return Route(row_index, self.a_t.index_select(0, index), self.b_t.index_select(0, index))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, in] -> [B, T, out]: the base layer for all rows plus the routed LoRA deltas."""
+        y = self.base(x)
+        route = self.route
+        if route is None:
+            return y
+        if route.rows is None:
+            return y + lora_delta(x, route.a_t, route.b_t)
+        delta = lora_delta(x.index_select(0, route.rows), route.a_t, route.b_t)
+        return y.index_add(0, route.rows, delta)

@@ -1,0 +1,114 @@
+"""The one place where Triton's Python-backend types meet the pure `multiadapter` package.
+
+Imported only by `model_repository/*/1/model.py` inside the Triton stub. Maps typed errors to Triton
+error codes, reads request tensors into Python values with shape checks, and builds responses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from multiadapter.errors import ErrorKind, InvalidRequest, RequestError
+
+# Attribute names, resolved at call time: the stub attaches TritonError to the module after import.
+_CODES = {
+    ErrorKind.INVALID_ARG: "INVALID_ARG",
+    ErrorKind.NOT_FOUND: "NOT_FOUND",
+    ErrorKind.UNAVAILABLE: "UNAVAILABLE",
+    ErrorKind.INTERNAL: "INTERNAL",
+}
+
+
+def error_response(exc: Exception) -> pb_utils.InferenceResponse:
+    """A response that fails one request with the Triton code of `exc` (INTERNAL if untyped)."""
+    if isinstance(exc, RequestError):
+        code = getattr(pb_utils.TritonError, _CODES[exc.kind])
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
+    logging.getLogger(__name__).exception("request failed with an unexpected error")
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+    )
+
+
+def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
+    """The string parameters of the model's config.pbtxt."""
+    config = json.loads(args["model_config"])
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def instance_device(args: Mapping[str, str]) -> torch.device:
+    """CUDA device of a KIND_GPU instance when CUDA is available, else the CPU."""
+    if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+        return torch.device("cuda", int(args.get("model_instance_device_id", "0")))
+    return torch.device("cpu")
+
+
+def _one_element(request: pb_utils.InferenceRequest, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    array = tensor.as_numpy()
+    if array.size != 1:
+        raise InvalidRequest(f"{name} must hold exactly one element per request, got shape {list(array.shape)}")
+    return array.reshape(-1)
+
+
+def required_bytes(request: pb_utils.InferenceRequest, name: str) -> bytes:
+    array = _one_element(request, name)
+    if array is None:
+        raise InvalidRequest(f"input {name} is required")
+    value = array[0]
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+def optional_scalar(request: pb_utils.InferenceRequest, name: str, kind: type) -> Any:
+    """int / float value of an optional one-element input, or None when the client left it out."""
+    array = _one_element(request, name)
+    return None if array is None else kind(array[0].item())
+
+
+def token_ids(request: pb_utils.InferenceRequest, name: str) -> list[int]:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise InvalidRequest(f"input {name} is required")
+    return tensor.as_numpy().reshape(-1).astype(np.int64).tolist()
+
+
+def bytes_tensor(name: str, value: bytes | str) -> pb_utils.Tensor:
+    """A [1, 1] BYTES output."""
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return pb_utils.Tensor(name, np.array([[raw]], dtype=np.object_))
+
+
+def ids_tensor(name: str, ids: list[int]) -> pb_utils.Tensor:
+    """A [1, n] INT32 output."""
+    return pb_utils.Tensor(name, np.asarray(ids, dtype=np.int32).reshape(1, -1))
+
+
+class _TritonLogHandler(logging.Handler):
+    """Forwards `logging` records to Triton's log, so library code never needs the Triton module."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = self.format(record)
+        if record.levelno >= logging.ERROR:
+            pb_utils.Logger.log_error(message)
+        elif record.levelno >= logging.WARNING:
+            pb_utils.Logger.log_warn(message)
+        else:
+            pb_utils.Logger.log_info(message)
+
+
+def route_logging_to_triton(level: int = logging.INFO) -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, _TritonLogHandler) for h in root.handlers):
+        handler = _TritonLogHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)

@@ -1,0 +1,37 @@
+"""Detokenizer step of `generate`: output_ids -> text_output, `decode(ids, skip_special_tokens=True)`."""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.environ.get("MULTIADAPTER_BACKEND_SRC") or str(Path(__file__).resolve().parents[3] / "backend_src"))
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from multiadapter.config import ENV_BASE_MODEL  # noqa: E402
+from multiadapter.tokenization import TextCodec  # noqa: E402
+from triton_boundary import (  # noqa: E402
+    bytes_tensor,
+    error_response,
+    model_parameters,
+    route_logging_to_triton,
+    token_ids,
+)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        route_logging_to_triton()
+        params = model_parameters(args)
+        base = os.environ.get(ENV_BASE_MODEL) or params.get("base_model", "")
+        self.codec = TextCodec.load(Path(base))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                text = self.codec.decode(token_ids(request, "output_ids"))
+            except Exception as exc:
+                responses.append(error_response(exc))
+                continue
+            responses.append(pb_utils.InferenceResponse(output_tensors=[bytes_tensor("text_output", text)]))
+        return responses

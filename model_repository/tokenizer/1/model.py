@@ -1,0 +1,38 @@
+"""Tokenizer step of `generate`: text_input (UTF-8 bytes) -> input_ids, exactly `tokenizer(text)`."""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.environ.get("MULTIADAPTER_BACKEND_SRC") or str(Path(__file__).resolve().parents[3] / "backend_src"))
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from multiadapter.config import ENV_BASE_MODEL  # noqa: E402
+from multiadapter.errors import RequestError  # noqa: E402
+from multiadapter.tokenization import TextCodec  # noqa: E402
+from triton_boundary import (  # noqa: E402
+    error_response,
+    ids_tensor,
+    model_parameters,
+    required_bytes,
+    route_logging_to_triton,
+)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        route_logging_to_triton()
+        params = model_parameters(args)
+        base = os.environ.get(ENV_BASE_MODEL) or params.get("base_model", "")
+        self.codec = TextCodec.load(Path(base))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                ids = self.codec.encode(required_bytes(request, "text_input"))
+            except RequestError as exc:
+                responses.append(error_response(exc))
+                continue
+            responses.append(pb_utils.InferenceResponse(output_tensors=[ids_tensor("input_ids", ids)]))
+        return responses
