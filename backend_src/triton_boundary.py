@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-
 from multiadapter.errors import ErrorKind, InvalidRequest, RequestError
 
 # Attribute names, resolved at call time: the stub attaches TritonError to the module after import.
@@ -33,7 +32,9 @@ def error_response(exc: Exception) -> pb_utils.InferenceResponse:
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
     logging.getLogger(__name__).exception("request failed with an unexpected error")
     return pb_utils.InferenceResponse(
-        error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+        error=pb_utils.TritonError(
+            f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL
+        )
     )
 
 
@@ -56,7 +57,9 @@ def _one_element(request: pb_utils.InferenceRequest, name: str) -> np.ndarray | 
         return None
     array = tensor.as_numpy()
     if array.size != 1:
-        raise InvalidRequest(f"{name} must hold exactly one element per request, got shape {list(array.shape)}")
+        raise InvalidRequest(
+            f"{name} must hold exactly one element per request, got shape {list(array.shape)}"
+        )
     return array.reshape(-1)
 
 

@@ -82,7 +82,9 @@ class AdapterBank:
                 layer = self._layers.get(name) or banked_layer(self._model, name)
                 layer.store(free, weights.a, weights.b_scaled)
                 self._layers[name] = layer
-            entry = BankEntry(adapter.adapter_id, adapter.version, free, tuple(adapter.modules), adapter.nbytes)
+            entry = BankEntry(
+                adapter.adapter_id, adapter.version, free, tuple(adapter.modules), adapter.nbytes
+            )
             self._entries[adapter.adapter_id] = entry
             return entry
 

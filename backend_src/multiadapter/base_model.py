@@ -35,10 +35,14 @@ def load_base_model(path: Path, device: torch.device, dtype: torch.dtype) -> nn.
     """Load a Hugging Face causal LM directory (weights from safetensors only), frozen, in eval mode."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ConfigError("base model", [f"{path} has no config.json (expected a Hugging Face model directory)"])
+        raise ConfigError(
+            "base model", [f"{path} has no config.json (expected a Hugging Face model directory)"]
+        )
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if not list(path.glob("*.safetensors")):
-        raise ConfigError("base model", [f"{path} has no *.safetensors weights (pickle weights are not loaded)"])
+        raise ConfigError(
+            "base model", [f"{path} has no *.safetensors weights (pickle weights are not loaded)"]
+        )
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=dtype, local_files_only=True, use_safetensors=True
     )

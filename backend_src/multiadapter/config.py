@@ -39,8 +39,14 @@ class EngineConfig:
         """
         env = os.environ if env is None else env
         known = {
-            "base_model", "adapter_dir", "dtype", "max_adapters", "default_max_tokens",
-            "max_tokens_cap", "num_threads", "max_adapter_bytes",
+            "base_model",
+            "adapter_dir",
+            "dtype",
+            "max_adapters",
+            "default_max_tokens",
+            "max_tokens_cap",
+            "num_threads",
+            "max_adapter_bytes",
         }
         problems = [f"unknown parameter {k!r}" for k in params if k not in known]
         base = env.get(ENV_BASE_MODEL) or params.get("base_model", "")

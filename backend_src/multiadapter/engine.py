@@ -108,7 +108,12 @@ class Engine:
         """Load `adapter_id` from the adapter directory into the bank; a refusal is logged and recorded."""
         if self.config.adapter_dir is None:
             raise AdapterNotFound(adapter_id)
-        directory = adapter_directory(self.config.adapter_dir, adapter_id)
+        try:
+            directory = adapter_directory(self.config.adapter_dir, adapter_id)
+        except InvalidRequest as exc:
+            self.refused[adapter_id] = str(exc)
+            log.error("adapter %r refused: %s", adapter_id, exc)
+            return None
         try:
             adapter = load_lora_adapter(
                 adapter_id,
@@ -182,7 +187,9 @@ class Engine:
                     self.model, routing, rows, eos_ids=self.eos_ids, pad_id=self.pad_id, device=self.device
                 )
             for i, entry, out in zip(positions, entries, generated, strict=True):
-                outcomes[i] = GenerationResult(out.token_ids, entry.adapter_id, entry.version, out.finish_reason)
+                outcomes[i] = GenerationResult(
+                    out.token_ids, entry.adapter_id, entry.version, out.finish_reason
+                )
         return outcomes  # type: ignore[return-value]
 
     def logits(
@@ -193,4 +200,3 @@ class Engine:
         batch = left_pad(prompts, self.pad_id, self.device)
         with self._lock, torch.inference_mode(), self.bank.routing(slots):
             return forward_logits(self.model, batch), batch
-

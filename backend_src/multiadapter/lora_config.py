@@ -19,16 +19,37 @@ from .errors import AdapterLoadError
 # Settings of training or of adapter creation; they do not change inference.
 _IRRELEVANT_AT_INFERENCE = frozenset(
     {
-        "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-        "inference_mode", "lora_dropout", "init_lora_weights", "megatron_core", "loftq_config",
-        "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
+        "task_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "lora_dropout",
+        "init_lora_weights",
+        "megatron_core",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "qalora_group_size",
+        "ensure_weight_tying",
         "fan_in_fan_out",
     }
 )
 _USED = frozenset(
     {
-        "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "use_rslora",
-        "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "bias",
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "exclude_modules",
+        "use_rslora",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+        "bias",
     }
 )
 # Features we do not serve, with why; refused unless neutral.

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from .base_model import ModuleInfo
 from .errors import AdapterLoadError
@@ -153,7 +152,8 @@ def _resolve_targets(spec: LoraSpec, modules: Mapping[str, ModuleInfo]) -> list[
         else:
             targets.append(name)
     if not targets and not problems:
-        problems.append(f"target_modules {spec.target_modules!r} matches no module of the base model")
+        shown = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+        problems.append(f"target_modules {shown!r} matches no module of the base model")
     if problems:
         raise AdapterLoadError(spec.adapter_id, problems)
     return targets
@@ -170,4 +170,3 @@ def _read_safetensors(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
 def adapter_rank_summary(adapter: LoraAdapter) -> str:
     ranks = sorted({w.rank for w in adapter.modules.values()})
     return f"{len(adapter.modules)} modules, rank {ranks[0] if len(ranks) == 1 else ranks}"
-

@@ -5,7 +5,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.environ.get("MULTIADAPTER_BACKEND_SRC") or str(Path(__file__).resolve().parents[3] / "backend_src"))
+# backend_src/ sits beside model_repository/; MULTIADAPTER_BACKEND_SRC overrides (e.g. in an image).
+_SRC = os.environ.get("MULTIADAPTER_BACKEND_SRC") or str(Path(__file__).resolve().parents[3] / "backend_src")
+sys.path.insert(0, _SRC)
 
 import logging  # noqa: E402
 
