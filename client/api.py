@@ -1,0 +1,419 @@
+"""Typed client for the `generate` model over tritonclient, HTTP or gRPC.
+
+Every request tensor has shape [1, 1] (a batch of one; the model's config declares dims [1]).
+Errors come back as `RequestFailed` with a Triton-style `.code`, whatever the protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from types import ModuleType
+from typing import Any, cast
+
+import gevent
+import numpy as np
+import tritonclient.grpc
+import tritonclient.http
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
+_MODULES = {"http": tritonclient.http, "grpc": tritonclient.grpc}
+
+# Optional inputs: request field == Triton input name, sent only when the field is not None.
+OPTIONAL_INPUTS = (
+    ("max_tokens", "INT32"),
+    ("temperature", "FP32"),
+    ("top_p", "FP32"),
+    ("top_k", "INT32"),
+    ("seed", "INT64"),
+)
+OUTPUTS = ("text_output", "adapter_id", "adapter_version")
+
+# Triton's HTTP front end folds several core codes into one status: 2.51 answers 400 for INVALID_ARG,
+# UNKNOWN, ALREADY_EXISTS and CANCELLED alike, so over HTTP those all read as INVALID_ARG.
+_HTTP_STATUS_CODES = {
+    "400": "INVALID_ARG",
+    "401": "UNAUTHENTICATED",
+    "403": "PERMISSION_DENIED",
+    "404": "NOT_FOUND",
+    "408": "DEADLINE_EXCEEDED",
+    "500": "INTERNAL",
+    "501": "UNSUPPORTED",
+    "502": "UNAVAILABLE",
+    "503": "UNAVAILABLE",
+    "504": "DEADLINE_EXCEEDED",
+}
+_GRPC_STATUS_CODES = {
+    "StatusCode.CANCELLED": "CANCELLED",
+    "StatusCode.UNKNOWN": "UNKNOWN",
+    "StatusCode.INVALID_ARGUMENT": "INVALID_ARG",
+    "StatusCode.DEADLINE_EXCEEDED": "DEADLINE_EXCEEDED",
+    "StatusCode.NOT_FOUND": "NOT_FOUND",
+    "StatusCode.ALREADY_EXISTS": "ALREADY_EXISTS",
+    "StatusCode.PERMISSION_DENIED": "PERMISSION_DENIED",
+    "StatusCode.RESOURCE_EXHAUSTED": "RESOURCE_EXHAUSTED",
+    "StatusCode.FAILED_PRECONDITION": "FAILED_PRECONDITION",
+    "StatusCode.ABORTED": "ABORTED",
+    "StatusCode.OUT_OF_RANGE": "OUT_OF_RANGE",
+    "StatusCode.UNIMPLEMENTED": "UNSUPPORTED",
+    "StatusCode.INTERNAL": "INTERNAL",
+    "StatusCode.UNAVAILABLE": "UNAVAILABLE",
+    "StatusCode.DATA_LOSS": "DATA_LOSS",
+    "StatusCode.UNAUTHENTICATED": "UNAUTHENTICATED",
+}
+_STATUS_CODES = {**_HTTP_STATUS_CODES, **_GRPC_STATUS_CODES}
+
+
+def error_code(status: str | None) -> str:
+    """Triton-style code for an `InferenceServerException.status()` of either protocol.
+
+    tritonclient.http reports the HTTP status ("404"), tritonclient.grpc the gRPC code
+    ("StatusCode.NOT_FOUND"); client-side errors carry None. Anything unrecognised is "UNKNOWN".
+    """
+    return _STATUS_CODES.get(status or "", "UNKNOWN")
+
+
+class RequestFailed(Exception):
+    """One request's failure: `.code` is Triton-style ("NOT_FOUND", "INVALID_ARG", ...).
+
+    `.status` keeps tritonclient's raw status ("404", "StatusCode.NOT_FOUND") or None when the
+    failure happened in transport (refused connection, timeout).
+    """
+
+    def __init__(self, code: str, message: str, status: str | None = None) -> None:
+        super().__init__(code, message, status)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    """One generation request. `text` / `adapter_id` given as bytes are sent unchanged (even if not
+    UTF-8); str is UTF-8 encoded. `adapter_id=""` selects the bare base model."""
+
+    text: str | bytes
+    adapter_id: str | bytes = ""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be str or bytes, got {type(getattr(self, name)).__name__}"
+            for name in ("text", "adapter_id")
+            if not isinstance(getattr(self, name), (str, bytes))
+        ]
+        for name, triton_dtype in OPTIONAL_INPUTS:
+            problem = _check_scalar(name, getattr(self, name), triton_to_np_dtype(triton_dtype))
+            if problem:
+                problems.append(problem)
+        if problems:
+            raise ValueError("invalid GenerateRequest: " + "; ".join(problems))
+
+
+def _check_scalar(name: str, value: object, np_dtype: type) -> str | None:
+    """Why `value` cannot be sent as one `np_dtype` element, or None if it can (None: not sent)."""
+    if value is None:
+        return None
+    if np.issubdtype(np_dtype, np.integer):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            return f"{name} must be an int, got {type(value).__name__}"
+        info = np.iinfo(np_dtype)
+        if not info.min <= int(value) <= info.max:
+            return f"{name}={value} does not fit {np.dtype(np_dtype).name}"
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return f"{name} must be a number, got {type(value).__name__}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    adapter_id: str
+    adapter_version: str
+    latency_s: float
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def build_inputs(request: GenerateRequest, module: ModuleType) -> list[Any]:
+    """The request's `InferInput`s for `module` (tritonclient.http or tritonclient.grpc).
+
+    Shapes: every tensor [1, 1]; optional inputs appear only when their field is set.
+    """
+    tensors: list[tuple[str, str, object]] = [
+        ("text_input", "BYTES", _as_bytes(request.text)),
+        ("adapter_id", "BYTES", _as_bytes(request.adapter_id)),
+    ]
+    tensors += [
+        (name, triton_dtype, getattr(request, name))
+        for name, triton_dtype in OPTIONAL_INPUTS
+        if getattr(request, name) is not None
+    ]
+    inputs = []
+    for name, triton_dtype, value in tensors:
+        infer_input = module.InferInput(name, [1, 1], triton_dtype)
+        infer_input.set_data_from_numpy(np.array([[value]], dtype=triton_to_np_dtype(triton_dtype)))
+        inputs.append(infer_input)
+    return inputs
+
+
+def _output_text(result: Any, name: str) -> str:
+    array = result.as_numpy(name)
+    if array is None or array.size != 1:
+        raise RequestFailed("INTERNAL", f"response has no single-element output '{name}'")
+    value = array.reshape(-1)[0]
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestFailed("INTERNAL", f"output '{name}' is not valid UTF-8: {exc}") from exc
+
+
+_STAT_SECTIONS = (
+    "success",
+    "fail",
+    "queue",
+    "compute_input",
+    "compute_infer",
+    "compute_output",
+    "cache_hit",
+    "cache_miss",
+)
+
+
+def normalize_statistics(raw: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """Flatten Triton's statistics JSON for `model_name`, summed over its versions.
+
+    Accepts both protocols' shapes: gRPC's JSON has int64 values as strings and omits zero fields.
+    Returns `inference_count`, `execution_count`, `<section>_count` / `<section>_ns` for each of
+    `_STAT_SECTIONS`, and `batch_executions`: {batch size: executions at that size}.
+    Note: Triton counts a Python-backend per-request error response as a *success*.
+    """
+    stats: dict[str, Any] = {"inference_count": 0, "execution_count": 0}
+    for section in _STAT_SECTIONS:
+        stats[f"{section}_count"] = 0
+        stats[f"{section}_ns"] = 0
+    batch_executions: dict[int, int] = {}
+    for model in raw.get("model_stats", []):
+        if model.get("name") != model_name:
+            continue
+        stats["inference_count"] += int(model.get("inference_count", 0))
+        stats["execution_count"] += int(model.get("execution_count", 0))
+        for section in _STAT_SECTIONS:
+            duration = model.get("inference_stats", {}).get(section, {})
+            stats[f"{section}_count"] += int(duration.get("count", 0))
+            stats[f"{section}_ns"] += int(duration.get("ns", 0))
+        for batch in model.get("batch_stats", []):
+            size = int(batch.get("batch_size", 0))
+            executions = int(batch.get("compute_infer", {}).get("count", 0))
+            batch_executions[size] = batch_executions.get(size, 0) + executions
+    stats["batch_executions"] = dict(sorted(batch_executions.items()))
+    return stats
+
+
+class AdapterClient:
+    """Client for the `generate` model. Thread-safe: `generate` may be called from many threads.
+
+    tritonclient.http is built on gevent and must not be shared across threads, so HTTP uses one
+    underlying client per thread; the gRPC client is thread-safe and shared.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "http",
+        model: str = "generate",
+        timeout_s: float | None = 60.0,
+    ) -> None:
+        if protocol not in _MODULES:
+            raise ValueError(f"protocol must be one of {sorted(_MODULES)}, got {protocol!r}")
+        url = DEFAULT_URLS[protocol] if url is None else url
+        if "://" in url:
+            raise ValueError(f"url takes host:port without a scheme, got {url!r}")
+        self.url = url
+        self.protocol = protocol
+        self.model = model
+        self.timeout_s = timeout_s
+        self._module = _MODULES[protocol]
+        self._lock = threading.Lock()
+        self._opened: list[Any] = []
+        self._local = threading.local()
+        self._closed = False
+
+    def __enter__(self) -> AdapterClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AdapterClient(url={self.url!r}, protocol={self.protocol!r}, model={self.model!r})"
+
+    def _open(self) -> Any:
+        if self.protocol == "http":
+            timeout = self.timeout_s
+            return tritonclient.http.InferenceServerClient(
+                self.url, connection_timeout=timeout, network_timeout=timeout
+            )
+        return tritonclient.grpc.InferenceServerClient(self.url)
+
+    def _client(self) -> Any:
+        """The underlying tritonclient client for the calling thread."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed")
+            if self.protocol == "grpc" and self._opened:
+                return self._opened[0]
+            client = getattr(self._local, "client", None)
+            if client is None:
+                client = self._open()
+                self._opened.append(client)
+                if self.protocol == "http":
+                    self._local.client = client
+            return client
+
+    def _grpc_timeout(self) -> dict[str, float]:
+        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" and self.timeout_s else {}
+
+    @contextlib.contextmanager
+    def _failures(self) -> Iterator[None]:
+        """Turn tritonclient and transport exceptions into `RequestFailed`."""
+        try:
+            yield
+        except InferenceServerException as exc:
+            status = exc.status()
+            raise RequestFailed(error_code(status), exc.message() or str(exc), status) from exc
+        except TimeoutError as exc:
+            raise RequestFailed(
+                "DEADLINE_EXCEEDED", f"no answer from {self.url} in {self.timeout_s} s"
+            ) from exc
+        except OSError as exc:
+            raise RequestFailed(
+                "UNAVAILABLE", f"cannot reach {self.protocol} server at {self.url}: {exc}"
+            ) from exc
+
+    def generate(self, request: GenerateRequest) -> GenerateResult:
+        """Send one request; raises `RequestFailed` for any server, transport or protocol error."""
+        return self._generate_on(self._client(), request)
+
+    def _generate_on(self, client: Any, request: GenerateRequest) -> GenerateResult:
+        inputs = build_inputs(request, self._module)
+        outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
+        start = time.perf_counter()
+        with self._failures():
+            result = client.infer(self.model, inputs, outputs=outputs, **self._grpc_timeout())
+        latency_s = time.perf_counter() - start
+        return GenerateResult(
+            text=_output_text(result, "text_output"),
+            adapter_id=_output_text(result, "adapter_id"),
+            adapter_version=_output_text(result, "adapter_version"),
+            latency_s=latency_s,
+        )
+
+    def generate_many(
+        self, requests: Sequence[GenerateRequest], concurrency: int = 8
+    ) -> list[GenerateResult | RequestFailed]:
+        """Send `requests` with up to `concurrency` in flight; outcomes in request order.
+
+        Each request gets exactly one outcome: its result or its `RequestFailed`. An exception of
+        any other kind is a client bug and is re-raised after every worker has stopped.
+        """
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self._client()  # refuses a closed client before any worker starts
+        outcomes: list[GenerateResult | RequestFailed | None] = [None] * len(requests)
+        pending: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for index in range(len(requests)):
+            pending.put(index)
+        bugs: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with self._worker_client() as client:
+                    while not bugs:
+                        try:
+                            index = pending.get_nowait()
+                        except queue.Empty:
+                            return
+                        try:
+                            outcomes[index] = self._generate_on(client, requests[index])
+                        except RequestFailed as failure:
+                            outcomes[index] = failure
+            except BaseException as exc:  # re-raised in the caller's thread below
+                bugs.append(exc)
+
+        workers = [threading.Thread(target=work, daemon=True) for _ in range(min(concurrency, len(requests)))]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        if bugs:
+            raise bugs[0]
+        return cast("list[GenerateResult | RequestFailed]", outcomes)
+
+    @contextlib.contextmanager
+    def _worker_client(self) -> Iterator[Any]:
+        """A client for one worker thread: HTTP opens (and closes, in that thread) its own."""
+        if self.protocol == "grpc":
+            yield self._client()
+            return
+        client = self._open()
+        try:
+            yield client
+        finally:
+            client.close()
+            # The thread's gevent hub would otherwise outlive it, holding two file descriptors.
+            gevent.get_hub().destroy(destroy_loop=True)
+
+    def not_ready_reason(self) -> str | None:
+        """None when the server and the model are ready, else why not (unreachable, not ready)."""
+        client = self._client()
+        timeout = self._grpc_timeout()
+        try:
+            with self._failures():
+                if not client.is_server_ready(**timeout):
+                    return f"server at {self.url} is not ready"
+                if not client.is_model_ready(self.model, **timeout):
+                    return f"model '{self.model}' at {self.url} is not ready"
+        except RequestFailed as failure:
+            if failure.status is None:  # transport failure: the message already names the URL
+                return failure.message
+            return f"cannot reach {self.protocol} server at {self.url}: {failure}"
+        return None
+
+    def is_ready(self) -> bool:
+        return self.not_ready_reason() is None
+
+    def inference_statistics(self, model_name: str | None = None) -> dict[str, Any]:
+        """Statistics of `model_name` (default: this client's model), see `normalize_statistics`."""
+        name = self.model if model_name is None else model_name
+        client = self._client()
+        with self._failures():
+            if self.protocol == "grpc":
+                raw = client.get_inference_statistics(name, as_json=True, **self._grpc_timeout())
+            else:
+                raw = client.get_inference_statistics(name)
+        return normalize_statistics(raw, name)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            opened, self._opened = self._opened, []
+        for client in opened:
+            client.close()

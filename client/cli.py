@@ -1,0 +1,183 @@
+"""`python -m client generate ...`: one request, or a concurrent burst with a latency summary.
+
+Exit status: 0 all requests succeeded, 1 some request failed, 2 bad usage or no ready server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from client.api import AdapterClient, GenerateRequest, GenerateResult, RequestFailed
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_ANSWER_CHARS = 100
+_VERSION_CHARS = 12
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text with an adapter (or the base model)")
+    gen.add_argument("text", metavar="TEXT", help="prompt text")
+    gen.add_argument(
+        "--adapter",
+        action="append",
+        metavar="ID",
+        help="adapter id ('' = base model); repeat it to spread --repeat requests round-robin",
+    )
+    gen.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
+    gen.add_argument("--url", help="host:port (default localhost:8000 for HTTP, localhost:8001 for gRPC)")
+    gen.add_argument("--model", default="generate", help="Triton model name (default: generate)")
+    gen.add_argument("--max-tokens", type=int, metavar="N")
+    gen.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (the server default)")
+    gen.add_argument("--top-p", type=float, metavar="P")
+    gen.add_argument("--top-k", type=int, metavar="K")
+    gen.add_argument("--seed", type=int, metavar="S")
+    gen.add_argument("--repeat", type=_positive_int, metavar="M", help="send M requests and summarise")
+    gen.add_argument(
+        "--concurrency", type=_positive_int, metavar="N", help="requests in flight (with --repeat)"
+    )
+    gen.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="per-request timeout in seconds"
+    )
+    gen.add_argument("--verbose", "-v", action="store_true", help="show adapter, version and latency in full")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeat is None:
+        if args.concurrency is not None:
+            parser.error("--concurrency needs --repeat")
+        if args.adapter and len(args.adapter) > 1:
+            parser.error("several --adapter values need --repeat")
+    return args
+
+
+def requests_from_args(args: argparse.Namespace) -> list[GenerateRequest]:
+    """`--repeat` requests (one without it), adapters assigned round-robin.
+
+    Text and ids go out as the exact bytes given on the command line, even when not UTF-8.
+    """
+    adapters = args.adapter or [""]
+    return [
+        GenerateRequest(
+            text=os.fsencode(args.text),
+            adapter_id=os.fsencode(adapters[i % len(adapters)]),
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+        for i in range(args.repeat or 1)
+    ]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile, q in (0, 100]; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def _adapter_label(adapter_id: str | bytes) -> str:
+    label = os.fsdecode(adapter_id) if isinstance(adapter_id, bytes) else adapter_id
+    return label or "<base>"
+
+
+def _one_line(text: str, verbose: bool) -> str:
+    text = text.replace("\n", "\\n")
+    return text if verbose or len(text) <= _ANSWER_CHARS else text[: _ANSWER_CHARS - 3] + "..."
+
+
+def format_outcome(
+    index: int, request: GenerateRequest, outcome: GenerateResult | RequestFailed, verbose: bool = False
+) -> str:
+    head = f"{index:>5}  {_adapter_label(request.adapter_id):<16}"
+    if isinstance(outcome, RequestFailed):
+        return f"{head}  error {outcome.code}: {outcome.message}"
+    version = outcome.adapter_version if verbose else outcome.adapter_version[:_VERSION_CHARS]
+    return f"{head}  {version or '-':<{_VERSION_CHARS}}  {outcome.latency_s * 1e3:9.1f} ms  " + _one_line(
+        outcome.text, verbose
+    )
+
+
+def format_summary(outcomes: Sequence[GenerateResult | RequestFailed], wall_s: float) -> str:
+    latencies = [o.latency_s for o in outcomes if isinstance(o, GenerateResult)]
+    failures = Counter(o.code for o in outcomes if isinstance(o, RequestFailed))
+    failed = sum(failures.values())
+    by_code = " (" + ", ".join(f"{code} {n}" for code, n in sorted(failures.items())) + ")" if failed else ""
+    p50, p95 = (percentile(latencies, q) * 1e3 for q in (50, 95))
+    rate = len(outcomes) / wall_s if wall_s > 0 else math.nan
+    return (
+        f"ok {len(latencies)}  failed {failed}{by_code}  p50 {p50:.1f} ms  p95 {p95:.1f} ms  "
+        f"{rate:.2f} req/s over {wall_s:.2f} s"
+    )
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    try:
+        requests = requests_from_args(args)
+        client = AdapterClient(
+            url=args.url, protocol="grpc" if args.grpc else "http", model=args.model, timeout_s=args.timeout
+        )
+    except ValueError as exc:  # a request or URL that cannot be sent at all
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with client:
+        reason = client.not_ready_reason()
+        if reason is not None:
+            print(f"error: {reason}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.repeat is None:
+            return _single(client, requests[0], args.verbose)
+        start = time.perf_counter()
+        outcomes = client.generate_many(requests, concurrency=args.concurrency or 1)
+        wall_s = time.perf_counter() - start
+    for index, (request, outcome) in enumerate(zip(requests, outcomes, strict=True)):
+        print(format_outcome(index, request, outcome, args.verbose))
+    print(format_summary(outcomes, wall_s))
+    return EXIT_FAILED if any(isinstance(o, RequestFailed) for o in outcomes) else EXIT_OK
+
+
+def _single(client: AdapterClient, request: GenerateRequest, verbose: bool) -> int:
+    try:
+        result = client.generate(request)
+    except RequestFailed as failure:
+        print(f"error {failure.code}: {failure.message}", file=sys.stderr)
+        return EXIT_FAILED
+    print(result.text)
+    if verbose:
+        print(
+            f"adapter {_adapter_label(result.adapter_id)}  version {result.adapter_version or '-'}  "
+            f"latency {result.latency_s * 1e3:.1f} ms",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return _run_generate(args)
+    except KeyboardInterrupt:
+        return 130
