@@ -1,0 +1,77 @@
+"""The Triton translation layers (`model.py`) against the typed fake of triton_python_backend_utils."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests import fake_triton
+from tests.conftest import ROOT
+
+REPO = ROOT / "model_repository"
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    with fake_triton.installed() as pb:
+        model_cls = fake_triton.load_model_py(REPO / "adapter_lm" / "1" / "model.py")
+        model = model_cls()
+        params = {"base_model": str(tiny_model.base_model), "adapter_dir": str(tiny_model.adapter_dir)}
+        model.initialize(fake_triton.initialize_args(REPO / "adapter_lm" / "config.pbtxt", params))
+        yield model, pb
+
+
+def ids(*values: int) -> np.ndarray:
+    return np.array([list(values)], dtype=np.int32)
+
+
+def test_one_response_per_request_in_order_with_typed_errors(lm, tiny_model):
+    model, pb = lm
+    adapter = tiny_model.adapter_ids[0]
+    requests = [
+        fake_triton.request(
+            input_ids=ids(1, 104, 105, 3), adapter_id=adapter, max_tokens=np.array([[3]], np.int32)
+        ),
+        fake_triton.request(input_ids=ids(1, 104, 3), adapter_id="missing"),
+        fake_triton.request(input_ids=ids(1, 104, 3), adapter_id="", max_tokens=np.array([[1, 2]], np.int32)),
+        fake_triton.request(input_ids=ids(1, 104, 3), adapter_id=""),
+    ]
+    responses = model.execute(requests)
+    assert len(responses) == 4
+    assert not responses[0].has_error()
+    assert responses[0].output("output_ids").shape[1] <= 3
+    assert responses[0].output("served_adapter_id")[0, 0] == adapter.encode()
+    assert responses[0].output("adapter_version")[0, 0].startswith(b"sha256:")
+    assert responses[1].error().code() == pb.TritonError.NOT_FOUND
+    assert responses[2].error().code() == pb.TritonError.INVALID_ARG
+    assert "exactly one element" in responses[2].error().message()
+    assert not responses[3].has_error() and responses[3].output("adapter_version")[0, 0] == b""
+
+
+def test_a_model_wide_failure_still_answers_every_request_once(lm, monkeypatch):
+    model, pb = lm
+
+    def explode(requests):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(model.engine, "generate", explode)
+    responses = model.execute(
+        [fake_triton.request(input_ids=ids(1, 3), adapter_id=""), fake_triton.request(input_ids=ids(1, 3))]
+    )
+    assert [r.error().code() for r in responses] == [pb.TritonError.INTERNAL, pb.TritonError.INVALID_ARG]
+    assert "device lost" in responses[0].error().message()
+    assert "adapter_id is required" in responses[1].error().message()
+
+
+def test_tokenizer_and_detokenizer_round_trip(tiny_model):
+    with fake_triton.installed() as pb:
+        params = {"base_model": str(tiny_model.base_model)}
+        tok = fake_triton.load_model_py(REPO / "tokenizer" / "1" / "model.py")()
+        tok.initialize(fake_triton.initialize_args(REPO / "tokenizer" / "config.pbtxt", params))
+        detok = fake_triton.load_model_py(REPO / "detokenizer" / "1" / "model.py")()
+        detok.initialize(fake_triton.initialize_args(REPO / "detokenizer" / "config.pbtxt", params))
+        out = tok.execute([fake_triton.request(text_input="héllo"), fake_triton.request(text_input=b"\xc3")])
+        assert out[1].error().code() == pb.TritonError.INVALID_ARG
+        token_ids = out[0].output("input_ids")
+        (back,) = detok.execute([fake_triton.request(output_ids=token_ids)])
+        assert back.output("text_output")[0, 0].decode() == "héllo"
