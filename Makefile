@@ -1,0 +1,63 @@
+# Developer entry points. `make serve` runs the server on the tiny model unless BASE_MODEL is given.
+PYTHON ?= python3
+
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.stamp
+
+TINY_DIR := build/tiny
+TINY_STAMP := $(TINY_DIR)/tiny_model.json
+
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+# Extra launcher arguments, e.g. SERVE_ARGS='--log-verbose -- --disable-auto-complete-config'.
+SERVE_ARGS ?=
+BENCH_ARGS ?=
+
+# Without BASE_MODEL the tiny model (and its adapters) is built and served; an explicit BASE_MODEL
+# gets no default adapters, since the tiny ones would not fit it.
+ifeq ($(strip $(BASE_MODEL)),)
+SERVE_BASE_MODEL := $(TINY_DIR)/base
+SERVE_ADAPTER_DIR := $(if $(strip $(ADAPTER_DIR)),$(ADAPTER_DIR),$(TINY_DIR)/adapters)
+SERVE_DEPS := $(TINY_STAMP)
+else
+SERVE_BASE_MODEL := $(BASE_MODEL)
+SERVE_ADAPTER_DIR := $(ADAPTER_DIR)
+SERVE_DEPS :=
+endif
+
+.PHONY: venv tiny-model serve test lint bench clean
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): requirements.txt
+	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install -r requirements.txt
+	touch $@
+
+tiny-model: $(TINY_STAMP)
+
+# The builder writes its stamp last and rebuilds only when its version or seed changed.
+$(TINY_STAMP): | $(VENV_STAMP)
+	$(VENV_PY) -m tools.tiny_model --out $(TINY_DIR)
+
+serve: $(VENV_STAMP) $(SERVE_DEPS)
+	$(VENV_PY) -m server \
+		--base-model "$(SERVE_BASE_MODEL)" \
+		$(if $(strip $(SERVE_ADAPTER_DIR)),--adapter-dir "$(SERVE_ADAPTER_DIR)") \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+		$(SERVE_ARGS)
+
+test: $(VENV_STAMP)
+	$(VENV_PY) -m pytest -q tests
+
+lint: $(VENV_STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV_STAMP)
+	$(VENV_PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,0 +1,142 @@
+"""What to launch: a validated ServerConfig, and the tritonserver command line and environment it implies."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from server.errors import LaunchError
+from server.triton_install import TritonInstall
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
+DEFAULT_BUILD_ROOT = PROJECT_ROOT / "build" / "triton"
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_EXIT_TIMEOUT_SECS = 10  # long enough for torch stubs to unload (~5 s on 2 cores)
+
+# The Python models read these (the backend stubs inherit tritonserver's environment).
+BASE_MODEL_ENV = "MULTIADAPTER_BASE_MODEL"
+ADAPTER_DIR_ENV = "MULTIADAPTER_ADAPTER_DIR"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything that decides how tritonserver is started. Build it, then call ``validated()``."""
+
+    model_repository: Path
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    base_model: Path | None = None
+    adapter_dir: Path | None = None
+    address: str = LOOPBACK
+    log_verbose: int = 0
+    exit_timeout_secs: int = DEFAULT_EXIT_TIMEOUT_SECS
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {"HTTP": self.http_port, "gRPC": self.grpc_port, "metrics": self.metrics_port}
+
+    @property
+    def connect_host(self) -> str:
+        """Where a local client reaches the server (a wildcard bind address is reached on loopback)."""
+        return LOOPBACK if self.address in ("0.0.0.0", "") else self.address
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.connect_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.connect_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.connect_host}:{self.metrics_port}"
+
+    def validated(self) -> ServerConfig:
+        """A copy with absolute paths; LaunchError listing every problem found."""
+        config = replace(
+            self,
+            model_repository=self.model_repository.expanduser().resolve(),
+            base_model=_absolute(self.base_model),
+            adapter_dir=_absolute(self.adapter_dir),
+        )
+        problems = config._problems()
+        if problems:
+            raise LaunchError("cannot start the server:\n  - " + "\n  - ".join(problems))
+        return config
+
+    def _problems(self) -> list[str]:
+        problems = []
+        if not self.model_repository.is_dir():
+            problems.append(f"model repository {self.model_repository} is not a directory")
+        if self.base_model is not None and not (self.base_model / "config.json").is_file():
+            problems.append(
+                f"base model {self.base_model} has no config.json (expected a Hugging Face model directory)"
+            )
+        if self.adapter_dir is not None and not self.adapter_dir.is_dir():
+            problems.append(f"adapter directory {self.adapter_dir} does not exist")
+        for name, port in self.ports.items():
+            if not 0 < port < 65536:
+                problems.append(f"{name} port {port} is outside 1-65535")
+        if len(set(self.ports.values())) != len(self.ports):
+            problems.append(f"HTTP, gRPC and metrics ports must differ, got {self.ports}")
+        if self.exit_timeout_secs < 0:
+            problems.append(f"exit timeout {self.exit_timeout_secs} s is negative")
+        return problems
+
+
+def tritonserver_command(install: TritonInstall, backends_dir: Path, config: ServerConfig) -> list[str]:
+    """The tritonserver argv; ``config.extra_args`` come last so they can override our choices."""
+    return [
+        str(install.binary),
+        f"--model-repository={config.model_repository}",
+        f"--backend-directory={backends_dir}",
+        f"--http-address={config.address}",
+        f"--http-port={config.http_port}",
+        f"--grpc-address={config.address}",
+        f"--grpc-port={config.grpc_port}",
+        f"--metrics-address={config.address}",
+        f"--metrics-port={config.metrics_port}",
+        f"--exit-timeout-secs={config.exit_timeout_secs}",
+        f"--log-verbose={config.log_verbose}",
+        *config.extra_args,
+    ]
+
+
+def tritonserver_env(
+    install: TritonInstall,
+    config: ServerConfig,
+    base_env: Mapping[str, str] | None = None,
+    python_bin_dir: Path | None = None,
+) -> dict[str, str]:
+    """tritonserver's environment: ``base_env`` (default os.environ) with our additions.
+
+    PATH starts with the directory of the running interpreter (unresolved, so a virtualenv's ``bin``):
+    the backend stub finds its packages through the ``python3`` first on PATH. The MULTIADAPTER_* variables
+    are set from the config, or removed so a stale value from the caller's shell cannot leak in.
+    """
+    env = dict(os.environ if base_env is None else base_env)
+    bin_dir = python_bin_dir or Path(sys.executable).parent
+    env["PATH"] = _prepend(str(bin_dir), env.get("PATH"))
+    env["LD_LIBRARY_PATH"] = _prepend(str(install.libs_dir), env.get("LD_LIBRARY_PATH"))
+    for name, path in ((BASE_MODEL_ENV, config.base_model), (ADAPTER_DIR_ENV, config.adapter_dir)):
+        if path is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(path)
+    return env
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else path.expanduser().resolve()
+
+
+def _prepend(entry: str, search_path: str | None) -> str:
+    return entry if not search_path else f"{entry}{os.pathsep}{search_path}"

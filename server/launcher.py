@@ -1,0 +1,246 @@
+"""``python -m server``: run tritonserver in the foreground on the project's model repository.
+
+Options default from the environment (HTTP_PORT, GRPC_PORT, METRICS_PORT, BASE_MODEL, ADAPTER_DIR);
+arguments after ``--`` go to tritonserver unchanged. The log is streamed to stdout; once
+``/v2/health/ready`` answers 200 a READY banner shows the URLs. Ctrl-C / SIGTERM are forwarded to
+tritonserver, and the launcher exits with its exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from server.config import DEFAULT_EXIT_TIMEOUT_SECS, DEFAULT_MODEL_REPOSITORY, LOOPBACK, ServerConfig
+from server.errors import LaunchError, ServerStartError
+from server.process import DEFAULT_READY_TIMEOUT_S, ServerProcess, launch
+
+LOG = logging.getLogger(__name__)
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_LAUNCH_ERROR = 2
+EXIT_NOT_READY = 1
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The CLI parser; defaults come from ``environ`` (string defaults go through each ``type``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Run the multi-adapter Triton server in the foreground.",
+        epilog="Arguments after -- are passed to tritonserver unchanged.",
+    )
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=DEFAULT_MODEL_REPOSITORY,
+        help="Triton model repository (default: %(default)s)",
+    )
+    for name, env_var, default in (
+        ("http", "HTTP_PORT", 8000),
+        ("grpc", "GRPC_PORT", 8001),
+        ("metrics", "METRICS_PORT", 8002),
+    ):
+        parser.add_argument(
+            f"--{name}-port",
+            type=port_number,
+            default=environ.get(env_var) or str(default),
+            help=f"(env {env_var}, default {default})",
+        )
+    parser.add_argument(
+        "--base-model",
+        type=Path,
+        default=environ.get("BASE_MODEL") or None,
+        help="Hugging Face model directory of the base model (env BASE_MODEL)",
+    )
+    parser.add_argument(
+        "--adapter-dir",
+        type=Path,
+        default=environ.get("ADAPTER_DIR") or None,
+        help="directory with one subdirectory per adapter (env ADAPTER_DIR)",
+    )
+    parser.add_argument(
+        "--address",
+        default=LOOPBACK,
+        help="address the HTTP, gRPC and metrics endpoints bind to (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-verbose",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        help="tritonserver verbose log level (bare flag: 1)",
+    )
+    parser.add_argument(
+        "--exit-timeout-secs",
+        type=int,
+        default=DEFAULT_EXIT_TIMEOUT_SECS,
+        help="how long tritonserver waits for in-flight requests on shutdown (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=DEFAULT_READY_TIMEOUT_S,
+        help="seconds to wait for /v2/health/ready (default: %(default)s)",
+    )
+    return parser
+
+
+def port_number(text: str) -> int:
+    """argparse type for a TCP port."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{port} is outside 1-65535")
+    return port
+
+
+def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``argv`` at the first ``--``: (launcher arguments, tritonserver arguments)."""
+    if "--" not in argv:
+        return list(argv), []
+    cut = list(argv).index("--")
+    return list(argv[:cut]), list(argv[cut + 1 :])
+
+
+def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[ServerConfig, argparse.Namespace]:
+    """Parse the command line into a (not yet validated) ServerConfig and the raw namespace."""
+    own, passthrough = split_passthrough(argv)
+    args = build_parser(environ).parse_args(own)
+    config = ServerConfig(
+        model_repository=args.model_repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        base_model=args.base_model,
+        adapter_dir=args.adapter_dir,
+        address=args.address,
+        log_verbose=args.log_verbose,
+        exit_timeout_secs=args.exit_timeout_secs,
+        extra_args=tuple(passthrough),
+    )
+    return config, args
+
+
+def discover_adapter_ids(adapter_dir: Path | None) -> list[str]:
+    """Sorted names of the subdirectories of ``adapter_dir`` that hold an ``adapter_config.json``."""
+    if adapter_dir is None or not adapter_dir.is_dir():
+        return []
+    return sorted(path.parent.name for path in adapter_dir.glob("*/adapter_config.json"))
+
+
+def format_banner(config: ServerConfig, adapter_ids: Sequence[str]) -> str:
+    """The READY banner: endpoints, what is served, and a client command to try."""
+    example_adapter = adapter_ids[0] if adapter_ids else ""
+    adapters = ", ".join(adapter_ids) if adapter_ids else "none found"
+    lines = [
+        "Triton is READY",
+        f"  HTTP      http://{config.http_url}",
+        f"  gRPC      {config.grpc_url}",
+        f"  metrics   http://{config.metrics_url}/metrics",
+        f"  models    {config.model_repository}",
+        f"  base      {config.base_model or '(not set)'}",
+        f"  adapters  {config.adapter_dir or '(not set)'} [{adapters}]",
+        "Try:",
+        "  "
+        + shlex.join(
+            [
+                _python_command(),
+                "-m",
+                "client",
+                "generate",
+                *_url_flag(config),
+                "--adapter",
+                example_adapter,
+                "hello",
+            ]
+        ),
+        "Stop with Ctrl-C.",
+    ]
+    rule = "=" * max(len(line) for line in lines)
+    return "\n".join([rule, *lines, rule])
+
+
+def _python_command() -> str:
+    """This interpreter, as a relative path when it lives under the working directory (the .venv)."""
+    here = Path.cwd()
+    exe = Path(sys.executable)
+    return str(exe.relative_to(here)) if exe.is_relative_to(here) else "python"
+
+
+def _url_flag(config: ServerConfig) -> list[str]:
+    return [] if config.http_port == 8000 else ["--url", config.http_url]
+
+
+def exit_status(returncode: int) -> int:
+    """A shell-style exit status for a child's return code (killed by signal N -> 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class _SignalForwarder:
+    """Signal handler forwarding SIGINT/SIGTERM to tritonserver once it runs; remembers the last one."""
+
+    def __init__(self) -> None:
+        self.server: ServerProcess | None = None
+        self.received: int | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        if self.server is not None:
+            self.server.send_signal(signum)
+
+
+@contextmanager
+def _forwarding_signals() -> Iterator[_SignalForwarder]:
+    forwarder = _SignalForwarder()
+    previous = {signum: signal.signal(signum, forwarder) for signum in FORWARDED_SIGNALS}
+    try:
+        yield forwarder
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run(config: ServerConfig, ready_timeout_s: float) -> int:
+    """Launch, wait for readiness, print the banner, then wait for tritonserver; return the exit status."""
+    with _forwarding_signals() as forwarder:
+        try:
+            server = launch(config, log_stream=sys.stdout)
+        except LaunchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_LAUNCH_ERROR
+        forwarder.server = server
+        if forwarder.received is not None:  # interrupted while preparing
+            server.send_signal(forwarder.received)
+        try:
+            server.wait_ready(ready_timeout_s)
+        except ServerStartError as exc:
+            if forwarder.received is not None:
+                return exit_status(server.wait())
+            server.stop()
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_NOT_READY
+        if forwarder.received is None:
+            print(format_banner(server.config, discover_adapter_ids(server.config.adapter_dir)), flush=True)
+        return exit_status(server.wait())
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Entry point of ``python -m server``; returns the process exit status."""
+    config, args = parse_config(
+        sys.argv[1:] if argv is None else argv, os.environ if environ is None else environ
+    )
+    logging.basicConfig(level=logging.INFO, format="[launcher] %(levelname)s %(message)s", stream=sys.stderr)
+    if config.base_model is None:
+        LOG.warning("no --base-model / BASE_MODEL given: models that need a base model will fail to load")
+    return run(config, args.ready_timeout)

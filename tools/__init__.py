@@ -1,0 +1,1 @@
+"""Developer tools: builders for the artefacts the server and the tests need."""
