@@ -39,6 +39,7 @@ GPT2_ADAPTERS = {
     "all16rs": dict(
         r=16, lora_alpha=8, use_rslora=True, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True
     ),
+    "alllin3": dict(r=3, lora_alpha=6, target_modules="all-linear"),
     "mlp32_l0": dict(
         r=32, lora_alpha=16, target_modules=["mlp.c_proj"], fan_in_fan_out=True, layers_to_transform=[0]
     ),

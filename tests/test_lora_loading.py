@@ -213,6 +213,18 @@ def test_refused_with_a_message_naming_adapter_and_field(llama, make, message):
     assert re.search(message, str(info.value)), str(info.value)
 
 
+def test_all_linear_written_by_hand_targets_every_linear_layer_but_the_output(llama, tmp_path):
+    _, modules, good, _ = llama
+    hand = copy_adapter(good, tmp_path / "hand")
+    edit_config(hand, target_modules="all-linear")
+    with pytest.raises(AdapterLoadError) as info:
+        load_lora_adapter("hand", hand, modules)
+    missing = [p for p in info.value.problems if "are missing" in p]
+    expected = [n for n, m in modules.items() if m.adaptable and not m.is_output_layer]
+    assert len(missing) == len(expected) - 4  # all but the 4 q/v weights the file really holds
+    assert not any("only Linear" in p for p in info.value.problems)
+
+
 def test_size_cap(llama):
     _, modules, good, _ = llama
     with pytest.raises(AdapterLoadError, match="over the cap of 100"):

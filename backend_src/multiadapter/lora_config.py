@@ -204,8 +204,9 @@ class LoraSpec:
             layers_pattern=lp_value,
         )
 
-    def targets(self, name: str, *, is_output_layer: bool = False) -> bool:
-        """Whether module `name` (as in `model.named_modules()`) is adapted. Follows PEFT's rules."""
+    def targets(self, name: str, *, is_output_layer: bool = False, is_linear: bool = True) -> bool:
+        """Whether module `name` (as in `model.named_modules()`) is adapted. Follows PEFT's rules;
+        `all-linear` means every Linear / Conv1D layer except the output layer."""
         if self.exclude_modules is not None:
             if isinstance(self.exclude_modules, str):
                 if re.fullmatch(self.exclude_modules, name):
@@ -214,7 +215,7 @@ class LoraSpec:
                 return False
         if isinstance(self.target_modules, str):
             if self.target_modules == ALL_LINEAR:
-                return not is_output_layer
+                return is_linear and not is_output_layer
             return re.fullmatch(self.target_modules, name) is not None
         if name in self.target_modules:
             return True

@@ -143,7 +143,7 @@ def _resolve_targets(spec: LoraSpec, modules: Mapping[str, ModuleInfo]) -> list[
     problems = []
     targets = []
     for name, info in modules.items():
-        if not spec.targets(name, is_output_layer=info.is_output_layer):
+        if not spec.targets(name, is_output_layer=info.is_output_layer, is_linear=info.adaptable):
             continue
         if not info.adaptable:
             problems.append(
