@@ -51,14 +51,6 @@ class GenerationResult:
     finish_reason: str
 
 
-class AdapterRefused(AdapterNotFound):
-    """A request names an adapter that exists on disk but was refused at load."""
-
-    def __init__(self, adapter_id: str, reason: str):
-        super().__init__(adapter_id)
-        self.args = (f"adapter {adapter_id!r} is not servable: {reason}",)
-
-
 class Engine:
     """Serves generation for the base model and every resident adapter, mixed in one batch."""
 
@@ -100,7 +92,11 @@ class Engine:
             pad = min(eos_ids) if eos_ids else 0
         engine = cls(model, config, device, eos_ids=eos_ids, pad_id=int(pad))
         if config.adapter_dir is not None:
-            for adapter_id in discover_adapter_ids(config.adapter_dir):
+            adapter_ids = discover_adapter_ids(config.adapter_dir)
+            for entry in sorted(config.adapter_dir.iterdir()):
+                if entry.is_dir() and entry.name not in adapter_ids:
+                    log.warning("skipping %s: its name is not a valid adapter id", entry)
+            for adapter_id in adapter_ids:
                 engine.load_adapter(adapter_id)
         return engine
 
@@ -136,7 +132,7 @@ class Engine:
         """Bank entry for a request's adapter id ('' is the base). Raises a RequestError."""
         check_adapter_id(adapter_id)
         if adapter_id in self.refused:
-            raise AdapterRefused(adapter_id, self.refused[adapter_id])
+            raise AdapterNotFound(adapter_id, refused_because=self.refused[adapter_id])
         return self.bank.resolve(adapter_id)
 
     def _prepare(self, request: GenerationRequest) -> tuple[RowRequest, BankEntry]:

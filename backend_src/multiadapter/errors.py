@@ -29,9 +29,13 @@ class InvalidRequest(RequestError):
 class AdapterNotFound(RequestError):
     kind = ErrorKind.NOT_FOUND
 
-    def __init__(self, adapter_id: str):
+    def __init__(self, adapter_id: str, refused_because: str | None = None):
         shown = adapter_id if len(adapter_id) <= 64 else adapter_id[:64] + "..."
-        super().__init__(f"adapter {shown!r} is not loaded on this server")
+        if refused_because is None:
+            message = f"adapter {shown!r} is not loaded on this server"
+        else:
+            message = f"adapter {shown!r} is not servable: {refused_because}"
+        super().__init__(message)
         self.adapter_id = adapter_id
 
 
