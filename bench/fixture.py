@@ -1,0 +1,171 @@
+"""The benchmark's model: a seeded random Llama and PEFT LoRA adapters, built once and reused.
+
+``build_fixture(spec, root)`` writes::
+
+    <root>/base/                 LlamaForCausalLM, safetensors
+    <root>/adapters/<id>/        adapter_config.json + adapter_model.safetensors (PEFT save_pretrained)
+    <root>/fixture.json          stamp (builder version + spec), written last
+
+A directory whose stamp matches the spec is reused as is; anything else is rebuilt. PEFT only creates
+the adapters; the benchmark loads them through the engine's own loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+BUILDER_VERSION = 1
+STAMP_NAME = "fixture.json"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of the random Llama and of its adapters."""
+
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    n_adapters: int
+    rank: int
+    lora_alpha: int
+    seed: int = 0
+
+    def adapter_ids(self) -> tuple[str, ...]:
+        return tuple(f"a{i}" for i in range(self.n_adapters))
+
+    def adapted_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of every matrix an adapter targets, over all layers."""
+        h, m = self.hidden, self.intermediate
+        per_layer = [(h, h)] * 4 + [(h, m), (h, m), (m, h)]
+        return per_layer * self.layers
+
+
+BENCH_SPEC = ModelSpec(
+    layers=8,
+    hidden=512,
+    heads=8,
+    intermediate=1376,
+    vocab=2048,
+    max_positions=1024,
+    n_adapters=8,
+    rank=16,
+    lora_alpha=32,
+)
+QUICK_SPEC = ModelSpec(
+    layers=2,
+    hidden=64,
+    heads=4,
+    intermediate=128,
+    vocab=256,
+    max_positions=256,
+    n_adapters=4,
+    rank=4,
+    lora_alpha=8,
+)
+
+
+@dataclass(frozen=True)
+class Fixture:
+    """A built model directory."""
+
+    spec: ModelSpec
+    base_model: Path
+    adapter_dir: Path
+
+
+def build_fixture(spec: ModelSpec, root: Path) -> tuple[Fixture, bool]:
+    """Build (or reuse) the model and adapters under `root`. Returns the fixture and whether it was built."""
+    root = root.resolve()
+    fixture = Fixture(spec, root / "base", root / "adapters")
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        if _read_stamp(root) == _stamp(spec):
+            return fixture, False
+        (root / STAMP_NAME).unlink(missing_ok=True)
+        for stale in (fixture.base_model, fixture.adapter_dir):
+            shutil.rmtree(stale, ignore_errors=True)
+        _build_base(spec, fixture.base_model)
+        for i, adapter_id in enumerate(spec.adapter_ids(), start=1):
+            _build_adapter(
+                spec, fixture.base_model, fixture.adapter_dir / adapter_id, seed=spec.seed * 1000 + i
+            )
+        (root / STAMP_NAME).write_text(json.dumps(_stamp(spec), indent=2) + "\n")
+    return fixture, True
+
+
+def _build_base(spec: ModelSpec, out: Path) -> None:
+    config = LlamaConfig(
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    with _seeded(spec.seed):
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def _build_adapter(spec: ModelSpec, base_dir: Path, out: Path, seed: int) -> None:
+    base = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=spec.rank,
+        lora_alpha=spec.lora_alpha,
+        target_modules=list(LORA_TARGETS),
+        init_lora_weights=False,  # random, non-zero B: the adapter really changes the output
+    )
+    with _seeded(seed):
+        model = get_peft_model(base, config)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)
+
+
+def _stamp(spec: ModelSpec) -> dict[str, object]:
+    return {"builder_version": BUILDER_VERSION, "spec": dataclasses.asdict(spec)}
+
+
+def _read_stamp(root: Path) -> dict[str, object] | None:
+    try:
+        return json.loads((root / STAMP_NAME).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global CPU generator for the block only (model init draws from it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with lock_path.open("w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)

@@ -1,0 +1,393 @@
+"""The measurements: mixed-adapter generation throughput and the cost of one decode step.
+
+Each function times its variants side by side (`timing.interleave`) and returns `Result` rows plus
+`Check`s that make sure the timed code really did what the row claims (adapters change the output,
+the base route is exactly the bare model, every row generated its full token budget).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from multiadapter.bank import BASE_SLOT
+from multiadapter.engine import Engine
+from multiadapter.generation import RowRequest, generate_rows
+from multiadapter.layers import BankedLinear, lora_delta
+from multiadapter.sampling import SamplingParams
+from torch import nn
+
+from .bound import FP32_BYTES, LoraBound, StepFloor, bare_step_floor, count_aten_ops, step_model
+from .fixture import ModelSpec
+from .machine import Calibration, per_call_seconds
+from .plans import Plan
+from .timing import Progress, RatioStat, Samples, Workload, interleave, paired_ratio
+
+# Below this, an adapter's effect on the logits would be indistinguishable from no adapter at all.
+MIN_ADAPTER_EFFECT = 1e-3
+# Batch composition may change float summation order; anything above this is a real difference.
+BATCH_INVARIANCE_TOL = 1e-4
+ALL_ROWS = slice(None)
+
+
+@dataclass(frozen=True)
+class Goal:
+    op: str  # ">=" or "<="
+    value: float
+
+    def met(self, ratio: float) -> bool:
+        return ratio >= self.value if self.op == ">=" else ratio <= self.value
+
+    def __str__(self) -> str:
+        return f"{'≥' if self.op == '>=' else '≤'} {self.value:.2f}"
+
+
+@dataclass(frozen=True)
+class Result:
+    """One ratio, measured side by side. `bound` / `model` are predictions where one applies."""
+
+    key: str
+    title: str
+    ratio: RatioStat
+    goal: Goal | None
+    medians_ms: dict[str, float]
+    context: str
+    rounds: int
+    background_cores: float
+    method: str
+    bound: float | None = None
+    model: float | None = None
+    model_detail: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.goal is None else self.goal.met(self.ratio.median)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A precondition of a measurement; a failed one invalidates the numbers."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def _prompts(plan: Plan, rows: int, length: int, salt: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(plan.seed * 7919 + salt)
+    # Ids 0..2 are pad / bos / eos in the bench model; prompts avoid them.
+    return torch.randint(3, plan.spec.vocab, (rows, length), generator=gen)
+
+
+def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[list[Result], list[Check]]:
+    """(a) One batched greedy generation: `batch` distinct adapters vs all rows on one adapter vs base."""
+    slots = [e.slot for e in engine.bank.entries()[: plan.batch]]
+    prompts = _prompts(plan, plan.batch, plan.prompt_tokens, salt=1).tolist()
+    params = SamplingParams(max_tokens=plan.new_tokens)
+    variants = {
+        "mixed": slots,
+        "uniform": [slots[0]] * plan.batch,
+        "base": [BASE_SLOT] * plan.batch,
+    }
+    requests = {
+        name: [RowRequest(p, s, params, plan.new_tokens) for p, s in zip(prompts, row_slots, strict=True)]
+        for name, row_slots in variants.items()
+    }
+    progress.section(
+        f"(a) generation: {plan.batch} rows x {plan.prompt_tokens}-token prompts "
+        f"+ {plan.new_tokens} new tokens"
+    )
+    with torch.inference_mode(), engine.bank.routing(variants["mixed"]) as routing:
+
+        def run(name: str):
+            # No EOS ids: every row generates exactly new_tokens, whatever the random model predicts.
+            return lambda: generate_rows(
+                engine.model,
+                routing,
+                requests[name],
+                eos_ids=frozenset(),
+                pad_id=engine.pad_id,
+                device=engine.device,
+            )
+
+        outputs = {name: [o.token_ids for o in run(name)()] for name in variants}
+        samples = interleave(
+            [Workload(name, run(name)) for name in variants], plan.generation, progress, "(a)"
+        )
+
+    # Row 0 uses adapter a0 in both batches; every other row uses a different adapter in the mixed one.
+    changed = sum(m != u for m, u in zip(outputs["mixed"][1:], outputs["uniform"][1:], strict=True))
+    checks = [
+        Check(
+            "(a) every row generated its full budget",
+            all(len(t) == plan.new_tokens for out in outputs.values() for t in out),
+            f"{plan.new_tokens} tokens per row expected",
+        ),
+        Check(
+            "(a) distinct adapters change the generated tokens",
+            changed > 0,
+            f"{changed} of the {plan.batch - 1} rows on another adapter differ from the one-adapter batch",
+        ),
+        Check(
+            "(a) row 0 (same adapter in both batches) is batch-invariant",
+            outputs["mixed"][0] == outputs["uniform"][0],
+            "identical greedy tokens expected",
+        ),
+    ]
+    tokens = plan.batch * plan.new_tokens
+
+    def tok_s(name: str) -> str:
+        return f"{name} {samples.median_ms(name):.0f} ms ({tokens / samples.median_ms(name) * 1e3:.0f} tok/s)"
+
+    common = dict(
+        rounds=samples.rounds, background_cores=samples.background_cores, medians_ms=_medians(samples)
+    )
+    results = [
+        Result(
+            key="a.mixed",
+            title=f"(a) throughput, {plan.batch} distinct adapters / 1 adapter (B={plan.batch})",
+            ratio=paired_ratio(samples, "uniform", "mixed"),
+            goal=Goal(">=", 0.90),
+            context=f"{tok_s('mixed')}; {tok_s('uniform')}",
+            method=(
+                f"Per trial, time of generate_rows for {plan.batch} rows all on adapter a0 divided by "
+                f"the time for the same prompts on {plan.batch} distinct adapters (prefill + "
+                f"{plan.new_tokens - 1} decode forwards + greedy selection), EOS disabled."
+            ),
+            **common,
+        ),
+        Result(
+            key="a.lora_vs_base",
+            title=f"(a) throughput, 1 adapter / base rows (B={plan.batch})",
+            ratio=paired_ratio(samples, "base", "uniform"),
+            goal=None,
+            context=f"{tok_s('uniform')}; {tok_s('base')}",
+            method="Same trials: base-row time over one-adapter time (Punica reports 0.92 on a GPU).",
+            **common,
+        ),
+    ]
+    return results, checks
+
+
+@dataclass
+class _DecodeVariant:
+    name: str
+    model: nn.Module
+    slots: list[int] | None  # None: the bare model, no routing
+    cache: object = None
+
+
+def decode_step(
+    engine: Engine,
+    bare: nn.Module,
+    plan: Plan,
+    batch: int,
+    machine: Calibration,
+    progress: Progress,
+) -> tuple[list[Result], list[Check], StepFloor]:
+    """(b) One decode forward (one new token per row over a KV cache) through the engine vs bare HF."""
+    slots = [e.slot for e in engine.bank.entries()[:batch]]
+    variants = [
+        _DecodeVariant("bare", bare, None),
+        _DecodeVariant("engine_base", engine.model, [BASE_SLOT] * batch),
+        _DecodeVariant("adapter", engine.model, [slots[0]] * batch),
+    ]
+    if batch > 1:
+        variants.append(_DecodeVariant("mixed", engine.model, slots))
+    n_cache = plan.cache_tokens
+    context_ids = _prompts(plan, batch, n_cache, salt=2 + batch)
+    step_ids = _prompts(plan, batch, 1, salt=100 + batch)
+    step_mask = torch.ones(batch, n_cache + 1, dtype=torch.long)
+    step_pos = torch.full((batch, 1), n_cache, dtype=torch.long)
+    progress.section(f"(b) decode step: batch {batch}, KV cache {n_cache} tokens, one new token")
+
+    with torch.inference_mode(), engine.bank.routing([BASE_SLOT] * batch) as routing:
+
+        def prepare(v: _DecodeVariant):
+            return (lambda: None) if v.slots is None else (lambda: routing.set_slots(v.slots))
+
+        def step(v: _DecodeVariant):
+            return lambda: v.model(
+                input_ids=step_ids,
+                attention_mask=step_mask,
+                position_ids=step_pos,
+                past_key_values=v.cache,
+                use_cache=True,
+            ).logits
+
+        def rewind(v: _DecodeVariant):
+            return lambda: v.cache.crop(n_cache)
+
+        for v in variants:
+            prepare(v)()
+            v.cache = v.model(
+                input_ids=context_ids, attention_mask=torch.ones_like(context_ids), use_cache=True
+            ).past_key_values
+        logits, ops = {}, {}
+        for v in variants:
+            prepare(v)()
+            logits[v.name] = step(v)()
+            rewind(v)()
+            ops[v.name] = sum(count_aten_ops(step(v)).values())
+            rewind(v)()
+        workloads = [Workload(v.name, step(v), prepare(v), rewind(v)) for v in variants]
+        samples = interleave(workloads, plan.decode, progress, f"(b) B={batch}")
+        cache_ok = all(v.cache.get_seq_length() == n_cache for v in variants)
+
+        isolated = {
+            "adapter": isolated_deltas_ms(plan.spec, batch, distinct=False, smoke=plan.smoke),
+            "mixed": isolated_deltas_ms(plan.spec, batch, distinct=True, smoke=plan.smoke),
+        }
+
+    checks = _decode_checks(batch, logits, cache_ok)
+    floor = bare_step_floor(plan.spec, batch, n_cache, samples.median_ms("bare"), ops["bare"], machine)
+    return _decode_results(engine, plan, batch, machine, samples, ops, isolated), checks, floor
+
+
+def isolated_deltas_ms(spec: ModelSpec, batch: int, distinct: bool, smoke: bool) -> float:
+    """Every adapted layer's `y + lora_delta(x, a_t, b_t)` for one new token per row, timed alone and summed.
+
+    distinct: one adapter per row (a_t [B, in, r], as the engine gathers them) or one shared (a_t [in, r]).
+    """
+    gen = torch.Generator().manual_seed(0)
+    r, total = spec.rank, 0.0
+    for (n_in, n_out), count in Counter(spec.adapted_shapes()).items():
+        x, y = torch.randn(batch, 1, n_in, generator=gen), torch.randn(batch, 1, n_out, generator=gen)
+        lead = (batch,) if distinct else ()
+        a_t, b_t = torch.randn(*lead, n_in, r, generator=gen), torch.randn(*lead, r, n_out, generator=gen)
+
+        def delta(x=x, y=y, a_t=a_t, b_t=b_t):
+            return y + lora_delta(x, a_t, b_t)
+
+        total += count * per_call_seconds(delta, calls=20 if smoke else 200, repeats=3 if smoke else 15)
+    return total * 1e3
+
+
+def _decode_checks(batch: int, logits: dict[str, torch.Tensor], cache_ok: bool) -> list[Check]:
+    def diff(a: str, b: str, row: slice = ALL_ROWS) -> float:
+        return float((logits[a][row] - logits[b][row]).abs().max())
+
+    checks = [
+        Check(f"(b) B={batch} KV cache rewound after every step", cache_ok, "length back to the prefill"),
+        Check(
+            f"(b) B={batch} base rows through the engine equal the bare model",
+            diff("engine_base", "bare") <= BATCH_INVARIANCE_TOL,
+            f"max |logit diff| {diff('engine_base', 'bare'):.2e}",
+        ),
+        Check(
+            f"(b) B={batch} the adapter changes the logits",
+            diff("adapter", "bare") > MIN_ADAPTER_EFFECT,
+            f"max |logit diff| {diff('adapter', 'bare'):.2e}",
+        ),
+    ]
+    if "mixed" in logits:
+        checks += [
+            Check(
+                f"(b) B={batch} row 0 of the mixed batch equals the one-adapter batch",
+                diff("mixed", "adapter", slice(0, 1)) <= BATCH_INVARIANCE_TOL,
+                f"max |logit diff| {diff('mixed', 'adapter', slice(0, 1)):.2e}",
+            ),
+            Check(
+                f"(b) B={batch} the other rows of the mixed batch differ",
+                diff("mixed", "adapter", slice(1, None)) > MIN_ADAPTER_EFFECT,
+                f"max |logit diff| {diff('mixed', 'adapter', slice(1, None)):.2e}",
+            ),
+        ]
+    return checks
+
+
+def _decode_results(
+    engine: Engine,
+    plan: Plan,
+    batch: int,
+    machine: Calibration,
+    samples: Samples,
+    ops: dict[str, int],
+    isolated: dict[str, float],
+) -> list[Result]:
+    sizes = LoraBound.for_spec(plan.spec)
+    wrapped = sum(isinstance(m, BankedLinear) for m in engine.model.modules())
+    ms = _medians(samples)
+    common = dict(rounds=samples.rounds, background_cores=samples.background_cores, medians_ms=ms)
+    where = f"B={batch}, {plan.cache_tokens}-token KV cache"
+
+    def model(
+        reference: str,
+        variant: str,
+        extra_bytes: float,
+        extra_flops: float,
+        calls: int,
+        alone_ms: float | None,
+    ):
+        m = step_model(ms[reference], ops[variant] - ops[reference], extra_bytes, extra_flops, calls, machine)
+        detail = (
+            f"{m.extra_ops:+d} ATen ops, {calls} module calls, {m.extra_bytes / 1e6:.1f} MB, "
+            f"{m.extra_flops / 1e6:.1f} MFLOP -> {m.extra_ms:+.2f} ms modelled"
+        )
+        if alone_ms is not None:
+            detail += f"; the deltas timed alone {alone_ms:+.2f} ms"
+        detail += f"; measured {ms[variant] - ms[reference]:+.2f} ms"
+        return m.predicted_ratio, detail
+
+    adapter_model, adapter_detail = model(
+        "bare", "adapter", sizes.dw * FP32_BYTES, 2 * batch * sizes.dw, wrapped, isolated["adapter"]
+    )
+    wrapper_model, wrapper_detail = model("bare", "engine_base", 0.0, 0.0, wrapped, None)
+    results = [
+        Result(
+            key=f"b.adapter.B{batch}",
+            title=f"(b) decode step, 1 unmerged adapter / bare HF base ({where})",
+            ratio=paired_ratio(samples, "adapter", "bare"),
+            goal=Goal("<=", 1.15),
+            context=f"adapter {ms['adapter']:.2f} ms; bare {ms['bare']:.2f} ms",
+            method=(
+                "Per trial, one forward of one new token per row over a prefilled KV cache (cropped back "
+                "after each step, untimed) through the engine with every row on adapter a0, over the same "
+                "step in a plain HF model loaded from the same directory."
+            ),
+            model=adapter_model,
+            model_detail=adapter_detail,
+            **common,
+        ),
+        Result(
+            key=f"b.wrapper.B{batch}",
+            title=f"(b) decode step, base rows via engine / bare HF base ({where})",
+            ratio=paired_ratio(samples, "engine_base", "bare"),
+            goal=None,
+            context=f"engine base {ms['engine_base']:.2f} ms; bare {ms['bare']:.2f} ms",
+            method="Same trials, every row routed to the base (adapter_id ''): the wrappers' own cost.",
+            model=wrapper_model,
+            model_detail=wrapper_detail,
+            **common,
+        ),
+    ]
+    if "mixed" in ms:
+        k = batch
+        mixed_model, mixed_detail = model(
+            "adapter",
+            "mixed",
+            (k - 1) * sizes.dw * FP32_BYTES,
+            0.0,
+            0,
+            isolated["mixed"] - isolated["adapter"],
+        )
+        results.append(
+            Result(
+                key=f"c.mixed.B{batch}",
+                title=f"(c) decode step, {k} distinct adapters / 1 adapter ({where})",
+                ratio=paired_ratio(samples, "mixed", "adapter"),
+                goal=None,
+                context=f"mixed {ms['mixed']:.2f} ms; 1 adapter {ms['adapter']:.2f} ms",
+                method="Same trials: T(B,k)/T(B,1), to read against the bandwidth bound 1 + (k-1)·ΔW/W.",
+                bound=sizes.mixed_over_single(k),
+                model=mixed_model,
+                model_detail=mixed_detail,
+                **common,
+            )
+        )
+    return results
+
+
+def _medians(samples: Samples) -> dict[str, float]:
+    return {name: samples.median_ms(name) for name in samples.seconds}

@@ -1,0 +1,40 @@
+"""Smoke test of the benchmark: `python -m bench --quick` runs every code path and writes its report.
+
+No timing is asserted here; timing goals live in the benchmark's own report.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_bench_writes_the_report(tmp_path: Path):
+    proc = subprocess.run(
+        # One thread: the suite may share the machine, and oversubscribed OpenMP threads stall for seconds.
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), "--threads", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    table = (tmp_path / "results.md").read_text()
+    assert proc.stdout == table
+    assert "| measurement | ratio | IQR | goal | met? |" in table
+    assert "- [ ]" not in table  # every precondition check passed
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["ok"] is True
+    assert data["plan"]["name"] == "quick"
+    keys = {r["key"] for r in data["results"]}
+    assert {"a.mixed", "b.adapter.B1", "b.wrapper.B1", "b.adapter.B4", "c.mixed.B4"} <= keys
+    for result in data["results"]:
+        assert result["rounds"] >= 1
+        assert result["ratio"]["median"] > 0
+        assert f"| {result['title']} |" in table
