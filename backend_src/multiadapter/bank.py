@@ -2,8 +2,9 @@
 
 Adapter ids (user-facing names) map to slots (internal integers); `BASE_SLOT` means the bare base.
 The bank fills and frees slots while serving: `add` stores an adapter's weights in every layer it
-targets, `remove` frees the slot for the next one. `routing(slots)` installs, for one batch, which
-rows use which adapter, so one forward pass serves the whole mixed batch.
+targets (LoRA) or every place it adapts (bottleneck), `remove` frees the slot for the next one. Both
+kinds share the slots. `routing(slots)` installs, for one batch, which rows use which adapter, so one
+forward pass serves the whole mixed batch: LoRA, bottleneck and base rows together.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from .adapter_ids import BASE_ADAPTER_ID
-from .base_model import banked_layer
+from .base_model import banked_layer, bottleneck_site
+from .bottleneck import BankedBottleneck, BottleneckPlace
+from .bottleneck_loading import BottleneckAdapter
 from .errors import AdapterNotFound, Unavailable
 from .layers import BankedLinear
 from .lora_loading import LoraAdapter
@@ -26,13 +29,15 @@ BASE_SLOT = -1
 
 @dataclass(frozen=True)
 class BankEntry:
-    """A resident adapter: its slot, content version, adapted modules and device bytes."""
+    """A resident adapter: its slot, content version, adapted modules (LoRA) or places (bottleneck),
+    and device bytes."""
 
     adapter_id: str
     version: str
     slot: int
     modules: tuple[str, ...]
     nbytes: int
+    places: tuple[BottleneckPlace, ...] = ()
 
 
 BASE_ENTRY = BankEntry(BASE_ADAPTER_ID, "", BASE_SLOT, (), 0)
@@ -48,6 +53,7 @@ class AdapterBank:
         self.capacity = capacity
         self._entries: dict[str, BankEntry] = {}
         self._layers: dict[str, BankedLinear] = {}
+        self._sites: dict[BottleneckPlace, BankedBottleneck] = {}
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -69,7 +75,7 @@ class AdapterBank:
             raise AdapterNotFound(adapter_id)
         return entry
 
-    def add(self, adapter: LoraAdapter) -> BankEntry:
+    def add(self, adapter: LoraAdapter | BottleneckAdapter) -> BankEntry:
         """Make `adapter` resident, replacing an earlier version of the same id."""
         with self._lock:
             if adapter.adapter_id in self._entries:
@@ -78,13 +84,19 @@ class AdapterBank:
             free = next((s for s in range(self.capacity) if s not in used), None)
             if free is None:
                 raise Unavailable(f"adapter bank is full ({self.capacity} slots)")
-            for name, weights in adapter.modules.items():
-                layer = self._layers.get(name) or banked_layer(self._model, name)
-                layer.store(free, weights.a, weights.b_scaled)
-                self._layers[name] = layer
-            entry = BankEntry(
-                adapter.adapter_id, adapter.version, free, tuple(adapter.modules), adapter.nbytes
-            )
+            if isinstance(adapter, BottleneckAdapter):
+                for place, weights in adapter.places.items():
+                    site = self._sites.get(place) or bottleneck_site(self._model, place)
+                    site.store(free, weights)
+                    self._sites[place] = site
+                modules, places = (), tuple(adapter.places)
+            else:
+                for name, weights in adapter.modules.items():
+                    layer = self._layers.get(name) or banked_layer(self._model, name)
+                    layer.store(free, weights.a, weights.b_scaled)
+                    self._layers[name] = layer
+                modules, places = tuple(adapter.modules), ()
+            entry = BankEntry(adapter.adapter_id, adapter.version, free, modules, adapter.nbytes, places)
             self._entries[adapter.adapter_id] = entry
             return entry
 
@@ -96,12 +108,14 @@ class AdapterBank:
                 raise AdapterNotFound(adapter_id)
             for name in entry.modules:
                 self._layers[name].drop(entry.slot)
+            for place in entry.places:
+                self._sites[place].drop(entry.slot)
 
     @contextmanager
     def routing(self, slots: Sequence[int]) -> Iterator[BatchRouting]:
         """Route batch row i to bank slot slots[i] for the forwards run inside the block."""
         with self._lock:
-            routing = BatchRouting(self._layers.values())
+            routing = BatchRouting([*self._layers.values(), *self._sites.values()])
             routing.set_slots(slots)
             try:
                 yield routing
@@ -110,7 +124,8 @@ class AdapterBank:
 
 
 class BatchRouting:
-    """Per-batch routes installed in every banked layer; `set_slots` again when rows change."""
+    """Per-batch routes installed in every banked layer and bottleneck place (anything with `route` and
+    `make_route(slots)`); `set_slots` again when rows change."""
 
     def __init__(self, layers):
         self._layers = list(layers)

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from .bottleneck import ATTENTION, FFN, BankedBottleneck, BottleneckPlace
 from .errors import ConfigError
 from .layers import BankedLinear
 
@@ -84,6 +85,60 @@ def banked_layer(model: nn.Module, name: str) -> BankedLinear:
     wrapped = BankedLinear(module)
     setattr(parent, child, wrapped)
     return wrapped
+
+
+@dataclass(frozen=True)
+class BottleneckLayout:
+    """Where bottleneck adapters attach in one architecture: the decoder layers, and per position the norm
+    whose input is the residual stream and the sub-block whose output the residual add takes."""
+
+    model_type: str
+    layers_path: str  # also AdapterHub's weight-key prefix of the layers
+    hidden_size: int
+    num_layers: int
+    norm_and_block: dict[str, tuple[str, str]]
+
+
+_BOTTLENECK_LAYOUTS = {
+    "llama": (
+        "model.layers",
+        {ATTENTION: ("input_layernorm", "self_attn"), FFN: ("post_attention_layernorm", "mlp")},
+    ),
+    "gpt2": ("transformer.h", {ATTENTION: ("ln_1", "attn"), FFN: ("ln_2", "mlp")}),
+}
+BOTTLENECK_MODEL_TYPES = tuple(_BOTTLENECK_LAYOUTS)
+_SITES_ATTR = "_multiadapter_bottleneck_sites"
+
+
+def bottleneck_layout(model: nn.Module) -> BottleneckLayout | None:
+    """The bottleneck layout of `model`, or None for an architecture without one."""
+    model_type = model.config.model_type
+    if model_type not in _BOTTLENECK_LAYOUTS:
+        return None
+    layers_path, norm_and_block = _BOTTLENECK_LAYOUTS[model_type]
+    layers = model.get_submodule(layers_path)
+    return BottleneckLayout(
+        model_type, layers_path, int(model.config.hidden_size), len(layers), norm_and_block
+    )
+
+
+def bottleneck_site(model: nn.Module, place: BottleneckPlace) -> BankedBottleneck:
+    """The BankedBottleneck at `place`, hooked into the base model on first use (modules are not replaced)."""
+    sites = model.__dict__.setdefault(_SITES_ATTR, {})
+    site = sites.get(place)
+    if site is not None:
+        return site
+    layout = bottleneck_layout(model)
+    if layout is None:
+        raise ValueError(f"model type {model.config.model_type!r} has no bottleneck places")
+    layer = model.get_submodule(layout.layers_path)[place.layer]
+    norm_name, block_name = layout.norm_and_block[place.position]
+    norm, block = layer.get_submodule(norm_name), layer.get_submodule(block_name)
+    site = BankedBottleneck(place, layout.hidden_size, next(block.parameters()))
+    norm.register_forward_pre_hook(site.capture_residual)
+    block.register_forward_hook(site.rewrite_output)
+    sites[place] = site
+    return site
 
 
 def context_window(model: nn.Module) -> int:

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapter_format import BOTTLENECK, adapter_format
 from .adapter_ids import adapter_directory, check_adapter_id, discover_adapter_ids
 from .bank import AdapterBank, BankEntry
-from .base_model import ModuleInfo, context_window, describe_modules, load_base_model
+from .base_model import ModuleInfo, bottleneck_layout, context_window, describe_modules, load_base_model
+from .bottleneck_loading import load_bottleneck_adapter
 from .config import EngineConfig
 from .errors import AdapterLoadError, AdapterNotFound, InvalidRequest, RequestError
 from .generation import Batch, RowRequest, forward_logits, generate_rows, left_pad
@@ -68,6 +70,7 @@ class Engine:
         self.device = device
         self.dtype = next(model.parameters()).dtype
         self.modules: dict[str, ModuleInfo] = describe_modules(model)
+        self.bottleneck_layout = bottleneck_layout(model)
         self.bank = AdapterBank(model, config.max_adapters)
         self.context_window = context_window(model)
         self.eos_ids = eos_ids
@@ -111,14 +114,26 @@ class Engine:
             log.error("adapter %r refused: %s", adapter_id, exc)
             return None
         try:
-            adapter = load_lora_adapter(
-                adapter_id,
-                directory,
-                self.modules,
-                dtype=self.dtype,
-                device=self.device,
-                max_bytes=self.config.max_adapter_bytes,
-            )
+            if adapter_format(adapter_id, directory) == BOTTLENECK:
+                output = self.model.get_output_embeddings()
+                adapter = load_bottleneck_adapter(
+                    adapter_id,
+                    directory,
+                    self.bottleneck_layout,
+                    output_weight=None if output is None else output.weight,
+                    dtype=self.dtype,
+                    device=self.device,
+                    max_bytes=self.config.max_adapter_bytes,
+                )
+            else:
+                adapter = load_lora_adapter(
+                    adapter_id,
+                    directory,
+                    self.modules,
+                    dtype=self.dtype,
+                    device=self.device,
+                    max_bytes=self.config.max_adapter_bytes,
+                )
         except AdapterLoadError as exc:
             self.refused[adapter_id] = "; ".join(exc.problems)
             log.error("%s", exc)
