@@ -25,12 +25,32 @@ def tiny_model(tmp_path_factory):
     paths = build_tiny(root / "model")
     adapters = root / "adapters"
     shutil.copytree(paths.adapter_dir, adapters)
+    bottlenecks = _add_bottleneck_adapters(paths.base_model, adapters)
     broken = adapters / "broken"
     shutil.copytree(adapters / paths.adapter_ids[0], broken)
     config = json.loads((broken / "adapter_config.json").read_text())
     config["use_dora"] = True
     (broken / "adapter_config.json").write_text(json.dumps(config))
-    return TinyServing(paths.base_model, adapters, tuple(paths.adapter_ids))
+    return TinyServing(paths.base_model, adapters, (*paths.adapter_ids, *bottlenecks))
+
+
+SERVED_BOTTLENECKS = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "parallel": "par_bn"}
+
+
+def _add_bottleneck_adapters(base_model: Path, adapter_dir: Path) -> tuple[str, ...]:
+    """One AdapterHub adapter of each placement, random non-zero weights, beside the PEFT LoRA ones."""
+    import adapters
+    from transformers import AutoModelForCausalLM
+
+    from tests.adapterhub_factories import randomize_bottleneck
+
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    adapters.init(model)
+    for i, (adapter_id, preset) in enumerate(SERVED_BOTTLENECKS.items()):
+        model.add_adapter(adapter_id, config=preset)
+        randomize_bottleneck(model, adapter_id, seed=500 + i)
+        model.save_adapter(str(adapter_dir / adapter_id), adapter_id, use_safetensors=True)
+    return tuple(SERVED_BOTTLENECKS)
 
 
 @dataclass(frozen=True)
