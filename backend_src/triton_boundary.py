@@ -115,3 +115,53 @@ def route_logging_to_triton(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(level)
+
+
+class ServingMetrics:
+    """The LM model's own Prometheus counters on Triton's metrics endpoint (:8002/metrics).
+
+    Labels stay bounded: batch composition (mixed / uniform) and error code, never adapter ids.
+    Triton counts a per-request error response as a success, so errors are counted here.
+    """
+
+    def __init__(self, model_name: str):
+        counter = pb_utils.MetricFamily.COUNTER
+        batches = pb_utils.MetricFamily(
+            name="multiadapter_batches_total",
+            description="Batches computed in one forward pass, by whether they mixed adapters",
+            kind=counter,
+        )
+        rows = pb_utils.MetricFamily(
+            name="multiadapter_batch_rows_total", description="Requests computed in batches", kind=counter
+        )
+        errors = pb_utils.MetricFamily(
+            name="multiadapter_request_errors_total",
+            description="Requests answered with an error",
+            kind=counter,
+        )
+        # The families must outlive their metrics: Triton deletes a family's metrics with it.
+        self._families = (batches, rows, errors)
+        self._batches = {
+            c: batches.Metric(labels={"model": model_name, "composition": c}) for c in ("mixed", "uniform")
+        }
+        self._rows = rows.Metric(labels={"model": model_name})
+        self._errors = {
+            k: errors.Metric(labels={"model": model_name, "code": code}) for k, code in _CODES.items()
+        }
+
+    def record_batch(self, adapter_ids: list[str]) -> None:
+        if adapter_ids:
+            self._safely(self._batches["mixed" if len(set(adapter_ids)) > 1 else "uniform"], 1)
+            self._safely(self._rows, len(adapter_ids))
+
+    def record_error(self, exc: Exception) -> None:
+        kind = exc.kind if isinstance(exc, RequestError) else ErrorKind.INTERNAL
+        self._safely(self._errors[kind], 1)
+
+    @staticmethod
+    def _safely(metric, value: float) -> None:
+        # Metrics never fail a request.
+        try:
+            metric.increment(value)
+        except Exception:  # noqa: BLE001
+            logging.getLogger(__name__).exception("could not update a metric")

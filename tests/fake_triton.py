@@ -68,6 +68,32 @@ class InferenceResponse:
         return next(t.as_numpy() for t in self._outputs if t.name() == name)
 
 
+class MetricFamily:
+    COUNTER, GAUGE = 0, 1
+    families: dict[str, MetricFamily] = {}
+
+    def __init__(self, name: str, description: str, kind: int):
+        self.name, self.description, self.kind = name, description, kind
+        self.metrics: list[Metric] = []
+        MetricFamily.families[name] = self
+
+    def Metric(self, labels: dict[str, str] | None = None) -> Metric:  # noqa: N802 (the real API's name)
+        metric = Metric(labels or {})
+        self.metrics.append(metric)
+        return metric
+
+
+class Metric:
+    def __init__(self, labels: dict[str, str]):
+        self.labels, self.value = labels, 0.0
+
+    def increment(self, value: float) -> None:
+        self.value += value
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
 def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
     return next((t for t in request.inputs() if t.name() == name), None)
 
@@ -90,7 +116,7 @@ class Logger:
 
 def _module() -> types.ModuleType:
     module = types.ModuleType("triton_python_backend_utils")
-    for name in ("TritonError", "Tensor", "InferenceRequest", "InferenceResponse", "Logger"):
+    for name in ("TritonError", "Tensor", "InferenceRequest", "InferenceResponse", "Logger", "MetricFamily"):
         setattr(module, name, globals()[name])
     module.get_input_tensor_by_name = get_input_tensor_by_name
     return module

@@ -46,6 +46,16 @@ def test_one_response_per_request_in_order_with_typed_errors(lm, tiny_model):
     assert responses[2].error().code() == pb.TritonError.INVALID_ARG
     assert "exactly one element" in responses[2].error().message()
     assert not responses[3].has_error() and responses[3].output("adapter_version")[0, 0] == b""
+    batches = {
+        m.labels["composition"]: m.value
+        for m in pb.MetricFamily.families["multiadapter_batches_total"].metrics
+    }
+    assert batches["mixed"] >= 1  # the adapter row and the base row shared one batch
+    errors = {
+        m.labels["code"]: m.value
+        for m in pb.MetricFamily.families["multiadapter_request_errors_total"].metrics
+    }
+    assert errors["NOT_FOUND"] >= 1 and errors["INVALID_ARG"] >= 1
 
 
 def test_a_model_wide_failure_still_answers_every_request_once(lm, monkeypatch):

@@ -18,6 +18,7 @@ from multiadapter.config import EngineConfig  # noqa: E402
 from multiadapter.engine import Engine, GenerationRequest, GenerationResult  # noqa: E402
 from multiadapter.errors import RequestError  # noqa: E402
 from triton_boundary import (  # noqa: E402
+    ServingMetrics,
     bytes_tensor,
     error_response,
     ids_tensor,
@@ -51,6 +52,7 @@ class TritonPythonModel:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.engine = Engine.load(config, instance_device(args))
+        self.metrics = ServingMetrics(args["model_name"])
         entries = self.engine.bank.entries()
         log.info(
             "serving %s on %s (%s) with %d adapter(s): %s%s",
@@ -71,6 +73,7 @@ class TritonPythonModel:
                 positions.append(i)
             except RequestError as exc:
                 outcomes[i] = exc
+        self.metrics.record_batch([p.adapter_id for p in parsed])
         try:
             for i, outcome in zip(positions, self.engine.generate(parsed), strict=True):
                 outcomes[i] = outcome
@@ -79,9 +82,9 @@ class TritonPythonModel:
                 outcomes[i] = exc
         return [self._response(o) for o in outcomes]
 
-    @staticmethod
-    def _response(outcome):
+    def _response(self, outcome):
         if not isinstance(outcome, GenerationResult):
+            self.metrics.record_error(outcome)
             return error_response(outcome)
         return pb_utils.InferenceResponse(
             output_tensors=[
