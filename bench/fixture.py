@@ -1,13 +1,16 @@
-"""The benchmark's model: a seeded random Llama and PEFT LoRA adapters, built once and reused.
+"""The benchmark's model: a seeded random Llama, PEFT LoRA adapters and AdapterHub bottleneck adapters,
+built once and reused.
 
 ``build_fixture(spec, root)`` writes::
 
     <root>/base/                 LlamaForCausalLM, safetensors
-    <root>/adapters/<id>/        adapter_config.json + adapter_model.safetensors (PEFT save_pretrained)
+    <root>/adapters/a<i>/        adapter_config.json + adapter_model.safetensors (PEFT save_pretrained)
+    <root>/adapters/<kind>/      adapter_config.json + adapter.safetensors (AdapterHub save_adapter), one
+                                 per bottleneck preset in spec.bottleneck_kinds, the directory named after it
     <root>/fixture.json          stamp (builder version + spec), written last
 
-A directory whose stamp matches the spec is reused as is; anything else is rebuilt. PEFT only creates
-the adapters; the benchmark loads them through the engine's own loader.
+A directory whose stamp matches the spec is reused as is; anything else is rebuilt. PEFT and AdapterHub
+only create the adapters; the benchmark loads them all into one bank through the engine's own loaders.
 """
 
 from __future__ import annotations
@@ -21,18 +24,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import adapters
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 STAMP_NAME = "fixture.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# AdapterHub's presets: Pfeiffer, Houlsby and parallel, each with its default reduction_factor.
+BOTTLENECK_KINDS = ("seq_bn", "double_seq_bn", "par_bn")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shape of the random Llama and of its adapters."""
+    """Shape of the random Llama and of its adapters: `n_adapters` LoRA adapters, one bottleneck adapter
+    per preset in `bottleneck_kinds` (its id is the preset's name)."""
 
     layers: int
     hidden: int
@@ -43,10 +50,17 @@ class ModelSpec:
     n_adapters: int
     rank: int
     lora_alpha: int
+    bottleneck_kinds: tuple[str, ...] = BOTTLENECK_KINDS
     seed: int = 0
 
     def adapter_ids(self) -> tuple[str, ...]:
+        """The LoRA adapters' ids."""
         return tuple(f"a{i}" for i in range(self.n_adapters))
+
+    @property
+    def bank_size(self) -> int:
+        """Adapters of both kinds, all resident in one bank."""
+        return self.n_adapters + len(self.bottleneck_kinds)
 
     def adapted_shapes(self) -> list[tuple[int, int]]:
         """(in, out) of every matrix an adapter targets, over all layers."""
@@ -73,7 +87,7 @@ QUICK_SPEC = ModelSpec(
     intermediate=128,
     vocab=256,
     max_positions=256,
-    n_adapters=4,
+    n_adapters=8,
     rank=4,
     lora_alpha=8,
 )
@@ -104,6 +118,7 @@ def build_fixture(spec: ModelSpec, root: Path) -> tuple[Fixture, bool]:
             _build_adapter(
                 spec, fixture.base_model, fixture.adapter_dir / adapter_id, seed=spec.seed * 1000 + i
             )
+        _build_bottlenecks(spec, fixture.base_model, fixture.adapter_dir, seed=spec.seed * 1000 + 500)
         (root / STAMP_NAME).write_text(json.dumps(_stamp(spec), indent=2) + "\n")
     return fixture, True
 
@@ -142,8 +157,34 @@ def _build_adapter(spec: ModelSpec, base_dir: Path, out: Path, seed: int) -> Non
     (out / "README.md").unlink(missing_ok=True)
 
 
+def _build_bottlenecks(spec: ModelSpec, base_dir: Path, out: Path, seed: int) -> None:
+    base = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    adapters.init(base)
+    for i, kind in enumerate(spec.bottleneck_kinds):
+        base.add_adapter(kind, config=kind)
+        _randomize_bottleneck(base, kind, torch.Generator().manual_seed(seed + i))
+        base.save_adapter(str(out / kind), kind, use_safetensors=True)
+
+
+def _randomize_bottleneck(model: torch.nn.Module, name: str, generator: torch.Generator) -> None:
+    """Random weights for adapter `name`: AdapterHub zero-initialises the up projection, which would make
+    a fresh adapter the identity. Matrices get std 1/sqrt(fan_in), so the residual stream keeps its scale."""
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if f".adapters.{name}." not in key:
+                continue
+            noise = torch.randn(param.shape, generator=generator)
+            if key.endswith("scaling") or ("adapter_norm" in key and key.endswith("weight")):
+                param.copy_(1.0 + 0.1 * noise)
+            elif param.dim() == 2:
+                param.copy_(noise / param.shape[1] ** 0.5)
+            else:
+                param.copy_(0.02 * noise)
+
+
 def _stamp(spec: ModelSpec) -> dict[str, object]:
-    return {"builder_version": BUILDER_VERSION, "spec": dataclasses.asdict(spec)}
+    # Through JSON and back, so that tuples compare equal to the lists read from the stamp file.
+    return json.loads(json.dumps({"builder_version": BUILDER_VERSION, "spec": dataclasses.asdict(spec)}))
 
 
 def _read_stamp(root: Path) -> dict[str, object] | None:

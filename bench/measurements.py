@@ -2,16 +2,21 @@
 
 Each function times its variants side by side (`timing.interleave`) and returns `Result` rows plus
 `Check`s that make sure the timed code really did what the row claims (adapters change the output,
-the base route is exactly the bare model, every row generated its full token budget).
+the base route is exactly the bare model, every row generated its full token budget). LoRA and
+bottleneck adapters sit in one bank; both kinds are timed in the same trials.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from multiadapter.bank import BASE_SLOT
+from multiadapter.bottleneck_config import BottleneckSpec
+from multiadapter.bottleneck_loading import CONFIG_FILE as BOTTLENECK_CONFIG_FILE
 from multiadapter.engine import Engine
 from multiadapter.generation import RowRequest, generate_rows
 from multiadapter.layers import BankedLinear, lora_delta
@@ -29,6 +34,8 @@ MIN_ADAPTER_EFFECT = 1e-3
 # Batch composition may change float summation order; anything above this is a real difference.
 BATCH_INVARIANCE_TOL = 1e-4
 ALL_ROWS = slice(None)
+# The LoRA paper's Table 1 (GPT-2 medium, batch 1, per-token latency of bottleneck adapters over none).
+BOTTLENECK_ANCHOR = "1.21 / 1.30 (LoRA paper, B=1, GPT-2 M); AdapterDrop 1.04–1.06"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class Result:
     bound: float | None = None
     model: float | None = None
     model_detail: str = ""
+    anchor: str = ""  # the comparable published figure from field.md, as the same ratio
 
     @property
     def met(self) -> bool | None:
@@ -74,6 +82,44 @@ class Check:
     detail: str
 
 
+@dataclass(frozen=True)
+class BottleneckInfo:
+    """A resident bottleneck adapter: its preset, bank slot, width (layer 0), places and device bytes."""
+
+    adapter_id: str
+    slot: int
+    width: int
+    places: int
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"{self.adapter_id} (width {self.width}, {self.places} places, {self.nbytes / 1e6:.2f} MB)"
+
+
+def describe_bottlenecks(engine: Engine, adapter_dir: Path, spec: ModelSpec) -> list[BottleneckInfo]:
+    """The bench's bottleneck adapters as the engine holds them, their width read by the core's parser."""
+    infos = []
+    for kind in spec.bottleneck_kinds:
+        entry = engine.bank.resolve(kind)
+        config = json.loads((adapter_dir / kind / BOTTLENECK_CONFIG_FILE).read_text())
+        width = BottleneckSpec.from_dict(kind, config).bottleneck_size(0, spec.hidden)
+        infos.append(BottleneckInfo(kind, entry.slot, int(width or 0), len(entry.places), entry.nbytes))
+    return infos
+
+
+def lora_slots(engine: Engine, spec: ModelSpec, count: int) -> list[int]:
+    """Bank slots of the first `count` LoRA adapters (a0, a1, ...)."""
+    return [engine.bank.resolve(adapter_id).slot for adapter_id in spec.adapter_ids()[:count]]
+
+
+def kinds_batch(engine: Engine, plan: Plan) -> tuple[list[int], int]:
+    """Slots of a batch mixing every kind: LoRA a0, a1, ... then one row per bottleneck preset, then one
+    base row (B=8 with three presets: 4 LoRA + 3 bottleneck + 1 base). Also returns the LoRA row count."""
+    bottleneck = [engine.bank.resolve(kind).slot for kind in plan.spec.bottleneck_kinds]
+    n_lora = plan.batch - len(bottleneck) - 1
+    return [*lora_slots(engine, plan.spec, n_lora), *bottleneck, BASE_SLOT], n_lora
+
+
 def _prompts(plan: Plan, rows: int, length: int, salt: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(plan.seed * 7919 + salt)
     # Ids 0..2 are pad / bos / eos in the bench model; prompts avoid them.
@@ -81,14 +127,17 @@ def _prompts(plan: Plan, rows: int, length: int, salt: int) -> torch.Tensor:
 
 
 def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[list[Result], list[Check]]:
-    """(a) One batched greedy generation: `batch` distinct adapters vs all rows on one adapter vs base."""
-    slots = [e.slot for e in engine.bank.entries()[: plan.batch]]
+    """(a) One batched greedy generation: `batch` distinct LoRA adapters, LoRA + bottleneck + base rows,
+    all rows on one adapter, all rows on the base."""
+    slots = lora_slots(engine, plan.spec, plan.batch)
+    kinds, n_lora = kinds_batch(engine, plan)
     prompts = _prompts(plan, plan.batch, plan.prompt_tokens, salt=1).tolist()
     params = SamplingParams(max_tokens=plan.new_tokens)
     variants = {
         "mixed": slots,
         "uniform": [slots[0]] * plan.batch,
         "base": [BASE_SLOT] * plan.batch,
+        "kinds": kinds,
     }
     requests = {
         name: [RowRequest(p, s, params, plan.new_tokens) for p, s in zip(prompts, row_slots, strict=True)]
@@ -118,6 +167,9 @@ def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[li
 
     # Row 0 uses adapter a0 in both batches; every other row uses a different adapter in the mixed one.
     changed = sum(m != u for m, u in zip(outputs["mixed"][1:], outputs["uniform"][1:], strict=True))
+    # The kinds batch shares its LoRA rows with the mixed batch and its last row with the base batch.
+    bn_rows = range(n_lora, plan.batch - 1)
+    bn_changed = sum(outputs["kinds"][i] != outputs["base"][i] for i in bn_rows)
     checks = [
         Check(
             "(a) every row generated its full budget",
@@ -134,6 +186,17 @@ def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[li
             outputs["mixed"][0] == outputs["uniform"][0],
             "identical greedy tokens expected",
         ),
+        Check(
+            "(a) LoRA and base rows of the kinds batch are batch-invariant",
+            outputs["kinds"][:n_lora] == outputs["mixed"][:n_lora]
+            and outputs["kinds"][-1] == outputs["base"][-1],
+            f"rows 0..{n_lora - 1} equal the distinct-LoRA batch, row {plan.batch - 1} the base batch",
+        ),
+        Check(
+            "(a) bottleneck rows of the kinds batch change the generated tokens",
+            bn_changed > 0,
+            f"{bn_changed} of the {len(bn_rows)} bottleneck rows differ from the same prompts on the base",
+        ),
     ]
     tokens = plan.batch * plan.new_tokens
 
@@ -146,9 +209,10 @@ def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[li
     results = [
         Result(
             key="a.mixed",
-            title=f"(a) throughput, {plan.batch} distinct adapters / 1 adapter (B={plan.batch})",
+            title=f"(a) throughput, {plan.batch} distinct LoRA adapters / 1 adapter (B={plan.batch})",
             ratio=paired_ratio(samples, "uniform", "mixed"),
             goal=Goal(">=", 0.90),
+            anchor="1.01 (Punica, B=32, A100)",
             context=f"{tok_s('mixed')}; {tok_s('uniform')}",
             method=(
                 f"Per trial, time of generate_rows for {plan.batch} rows all on adapter a0 divided by "
@@ -164,6 +228,24 @@ def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[li
             goal=None,
             context=f"{tok_s('uniform')}; {tok_s('base')}",
             method="Same trials: base-row time over one-adapter time (Punica reports 0.92 on a GPU).",
+            anchor="0.92 / 0.88 (Punica, 7B / 13B)",
+            **common,
+        ),
+        Result(
+            key="a.kinds",
+            title=(
+                f"(a) throughput, {n_lora} LoRA + {len(plan.spec.bottleneck_kinds)} bottleneck + 1 base "
+                f"rows / 1 adapter (B={plan.batch})"
+            ),
+            ratio=paired_ratio(samples, "uniform", "kinds"),
+            goal=Goal(">=", 0.90),
+            anchor="none: no system mixes kinds",
+            context=f"{tok_s('kinds')}; {tok_s('uniform')}",
+            method=(
+                f"Same trials: the one-adapter time over the time of a batch with rows 0..{n_lora - 1} on "
+                f"LoRA adapters a0..a{n_lora - 1}, one row on each bottleneck preset "
+                f"({', '.join(plan.spec.bottleneck_kinds)}) and the last row on the base, same prompts."
+            ),
             **common,
         ),
     ]
@@ -183,11 +265,13 @@ def decode_step(
     bare: nn.Module,
     plan: Plan,
     batch: int,
+    bottlenecks: list[BottleneckInfo],
     machine: Calibration,
     progress: Progress,
 ) -> tuple[list[Result], list[Check], StepFloor]:
-    """(b) One decode forward (one new token per row over a KV cache) through the engine vs bare HF."""
-    slots = [e.slot for e in engine.bank.entries()[:batch]]
+    """(b) One decode forward (one new token per row over a KV cache) through the engine vs bare HF:
+    base rows, one LoRA adapter, k distinct LoRA adapters, and one bottleneck adapter of each preset."""
+    slots = lora_slots(engine, plan.spec, batch)
     variants = [
         _DecodeVariant("bare", bare, None),
         _DecodeVariant("engine_base", engine.model, [BASE_SLOT] * batch),
@@ -195,6 +279,7 @@ def decode_step(
     ]
     if batch > 1:
         variants.append(_DecodeVariant("mixed", engine.model, slots))
+    variants += [_DecodeVariant(bn.adapter_id, engine.model, [bn.slot] * batch) for bn in bottlenecks]
     n_cache = plan.cache_tokens
     context_ids = _prompts(plan, batch, n_cache, salt=2 + batch)
     step_ids = _prompts(plan, batch, 1, salt=100 + batch)
@@ -240,9 +325,10 @@ def decode_step(
             "mixed": isolated_deltas_ms(plan.spec, batch, distinct=True, smoke=plan.smoke),
         }
 
-    checks = _decode_checks(batch, logits, cache_ok)
+    checks = _decode_checks(batch, logits, cache_ok, bottlenecks)
     floor = bare_step_floor(plan.spec, batch, n_cache, samples.median_ms("bare"), ops["bare"], machine)
-    return _decode_results(engine, plan, batch, machine, samples, ops, isolated), checks, floor
+    results = _decode_results(engine, plan, batch, bottlenecks, machine, samples, ops, isolated)
+    return results, checks, floor
 
 
 def isolated_deltas_ms(spec: ModelSpec, batch: int, distinct: bool, smoke: bool) -> float:
@@ -264,7 +350,9 @@ def isolated_deltas_ms(spec: ModelSpec, batch: int, distinct: bool, smoke: bool)
     return total * 1e3
 
 
-def _decode_checks(batch: int, logits: dict[str, torch.Tensor], cache_ok: bool) -> list[Check]:
+def _decode_checks(
+    batch: int, logits: dict[str, torch.Tensor], cache_ok: bool, bottlenecks: list[BottleneckInfo]
+) -> list[Check]:
     def diff(a: str, b: str, row: slice = ALL_ROWS) -> float:
         return float((logits[a][row] - logits[b][row]).abs().max())
 
@@ -294,6 +382,14 @@ def _decode_checks(batch: int, logits: dict[str, torch.Tensor], cache_ok: bool) 
                 f"max |logit diff| {diff('mixed', 'adapter', slice(1, None)):.2e}",
             ),
         ]
+    checks += [
+        Check(
+            f"(b) B={batch} the {bn.adapter_id} bottleneck adapter changes the logits",
+            diff(bn.adapter_id, "bare") > MIN_ADAPTER_EFFECT,
+            f"max |logit diff| {diff(bn.adapter_id, 'bare'):.2e}",
+        )
+        for bn in bottlenecks
+    ]
     return checks
 
 
@@ -301,13 +397,16 @@ def _decode_results(
     engine: Engine,
     plan: Plan,
     batch: int,
+    bottlenecks: list[BottleneckInfo],
     machine: Calibration,
     samples: Samples,
     ops: dict[str, int],
     isolated: dict[str, float],
 ) -> list[Result]:
     sizes = LoraBound.for_spec(plan.spec)
-    wrapped = sum(isinstance(m, BankedLinear) for m in engine.model.modules())
+    # Every engine forward calls each LoRA wrapper and both hooks of each bottleneck place, routed or not.
+    places = {place for entry in engine.bank.entries() for place in entry.places}
+    wrapped = sum(isinstance(m, BankedLinear) for m in engine.model.modules()) + 2 * len(places)
     ms = _medians(samples)
     common = dict(rounds=samples.rounds, background_cores=samples.background_cores, medians_ms=ms)
     where = f"B={batch}, {plan.cache_tokens}-token KV cache"
@@ -322,7 +421,7 @@ def _decode_results(
     ):
         m = step_model(ms[reference], ops[variant] - ops[reference], extra_bytes, extra_flops, calls, machine)
         detail = (
-            f"{m.extra_ops:+d} ATen ops, {calls} module calls, {m.extra_bytes / 1e6:.1f} MB, "
+            f"{m.extra_ops:+d} ATen ops, {calls} module / hook calls, {m.extra_bytes / 1e6:.1f} MB, "
             f"{m.extra_flops / 1e6:.1f} MFLOP -> {m.extra_ms:+.2f} ms modelled"
         )
         if alone_ms is not None:
@@ -337,7 +436,7 @@ def _decode_results(
     results = [
         Result(
             key=f"b.adapter.B{batch}",
-            title=f"(b) decode step, 1 unmerged adapter / bare HF base ({where})",
+            title=f"(b) decode step, 1 unmerged LoRA adapter / bare HF base ({where})",
             ratio=paired_ratio(samples, "adapter", "bare"),
             goal=Goal("<=", 1.15),
             context=f"adapter {ms['adapter']:.2f} ms; bare {ms['bare']:.2f} ms",
@@ -348,6 +447,7 @@ def _decode_results(
             ),
             model=adapter_model,
             model_detail=adapter_detail,
+            anchor="1.09 / 1.14 (Punica 7B / 13B); 1.51 (vLLM V0)",
             **common,
         ),
         Result(
@@ -356,12 +456,37 @@ def _decode_results(
             ratio=paired_ratio(samples, "engine_base", "bare"),
             goal=None,
             context=f"engine base {ms['engine_base']:.2f} ms; bare {ms['bare']:.2f} ms",
-            method="Same trials, every row routed to the base (adapter_id ''): the wrappers' own cost.",
+            method=(
+                "Same trials, every row routed to the base (adapter_id ''): the cost of the LoRA wrappers "
+                "and the bottleneck hooks themselves."
+            ),
             model=wrapper_model,
             model_detail=wrapper_detail,
             **common,
         ),
     ]
+    for bn in bottlenecks:
+        bn_model, bn_detail = model(
+            "bare", bn.adapter_id, bn.nbytes, 2 * batch * bn.nbytes / FP32_BYTES, wrapped, None
+        )
+        results.append(
+            Result(
+                key=f"b.bottleneck.{bn.adapter_id}.B{batch}",
+                title=f"(b) decode step, 1 {bn.adapter_id} bottleneck adapter / bare HF base ({where})",
+                ratio=paired_ratio(samples, bn.adapter_id, "bare"),
+                goal=Goal("<=", 1.15),
+                anchor=BOTTLENECK_ANCHOR,
+                context=f"{bn.adapter_id} {ms[bn.adapter_id]:.2f} ms; bare {ms['bare']:.2f} ms",
+                method=(
+                    "Same trials, every row on one AdapterHub bottleneck adapter (a preset with its default "
+                    "reduction_factor, random weights, applied by the engine's hooks at the residual adds) "
+                    "over the bare HF step: " + "; ".join(str(b) for b in bottlenecks) + "."
+                ),
+                model=bn_model,
+                model_detail=bn_detail,
+                **common,
+            )
+        )
     if "mixed" in ms:
         k = batch
         mixed_model, mixed_detail = model(
@@ -375,7 +500,7 @@ def _decode_results(
         results.append(
             Result(
                 key=f"c.mixed.B{batch}",
-                title=f"(c) decode step, {k} distinct adapters / 1 adapter ({where})",
+                title=f"(c) decode step, {k} distinct LoRA adapters / 1 adapter ({where})",
                 ratio=paired_ratio(samples, "mixed", "adapter"),
                 goal=None,
                 context=f"mixed {ms['mixed']:.2f} ms; 1 adapter {ms['adapter']:.2f} ms",

@@ -10,7 +10,8 @@ from .timing import Budget
 
 @dataclass(frozen=True)
 class Plan:
-    """One benchmark run. `batch` rows use `batch` distinct adapters in the mixed case."""
+    """One benchmark run. `batch` rows use `batch` distinct LoRA adapters in the mixed case; the kinds
+    batch puts one row on each bottleneck preset, one on the base and the rest on LoRA adapters."""
 
     name: str
     spec: ModelSpec
@@ -27,6 +28,11 @@ class Plan:
         if self.batch > self.spec.n_adapters:
             raise ValueError(
                 f"batch {self.batch} needs {self.batch} adapters, the spec has {self.spec.n_adapters}"
+            )
+        if self.batch < len(self.spec.bottleneck_kinds) + 2:
+            raise ValueError(
+                f"batch {self.batch} cannot mix {len(self.spec.bottleneck_kinds)} bottleneck rows, "
+                "a base row and LoRA rows"
             )
         if self.prompt_tokens + self.new_tokens > self.spec.max_positions:
             raise ValueError("prompt_tokens + new_tokens exceed the model's context window")
@@ -46,11 +52,12 @@ FULL = Plan(
     decode=Budget(warmup=10, min_rounds=50, max_rounds=2000, seconds=50.0),
 )
 
-# Quick: a smoke run of every code path in seconds; its numbers mean nothing.
+# Quick: a smoke run of every code path in seconds; its numbers mean nothing. B=8 as in FULL, so the
+# kinds batch has the same 4 LoRA + 3 bottleneck + 1 base rows.
 QUICK = Plan(
     name="quick",
     spec=QUICK_SPEC,
-    batch=4,
+    batch=8,
     prompt_tokens=8,
     new_tokens=4,
     cache_tokens=16,

@@ -11,7 +11,7 @@ from pathlib import Path
 from .bound import FP32_BYTES, LoraBound, StepFloor
 from .fixture import LORA_TARGETS
 from .machine import Calibration
-from .measurements import Check, Result
+from .measurements import BottleneckInfo, Check, Result
 from .plans import Plan
 
 
@@ -23,6 +23,7 @@ class Report:
     results: list[Result]
     checks: list[Check]
     floors: list[StepFloor]
+    bottlenecks: list[BottleneckInfo]
     elapsed_s: float
     background_cores: float
 
@@ -58,7 +59,7 @@ def to_markdown(report: Report) -> str:
         report.sizes,
     )
     lines = [
-        f"# Multi-adapter LoRA bench (plan: {plan.name})",
+        f"# Multi-adapter bench, LoRA and bottleneck adapters (plan: {plan.name})",
         "",
         f"Machine: {m['cpu_model']}, {m['usable_cores']} usable cores ({m['logical_cpus']} logical); "
         f"torch {m['torch']} with {m['torch_threads']} intra-op threads (pinned), "
@@ -69,7 +70,8 @@ def to_markdown(report: Report) -> str:
         "",
         f"Model: random Llama, {spec.layers} layers, hidden {spec.hidden}, {spec.heads} heads, intermediate "
         f"{spec.intermediate}, vocab {spec.vocab}; {spec.n_adapters} PEFT LoRA adapters, r={spec.rank}, "
-        f"lora_alpha={spec.lora_alpha}, targets {', '.join(LORA_TARGETS)}. "
+        f"lora_alpha={spec.lora_alpha}, targets {', '.join(LORA_TARGETS)}; AdapterHub bottleneck adapters "
+        f"in the same bank, default reduction_factor: {'; '.join(str(b) for b in report.bottlenecks)}. "
         f"Run time {report.elapsed_s:.0f} s.",
         "",
         *(
@@ -80,15 +82,18 @@ def to_markdown(report: Report) -> str:
         "## Ratios",
         "",
         "Each ratio is the median over trials of two times measured in the same trial (order alternating "
-        "A B / B A); IQR = quartiles of the per-trial ratios. Absolute times are medians, for context only.",
+        "A B / B A); IQR = quartiles of the per-trial ratios. Absolute times are medians, for context only. "
+        "Anchor: the comparable published figure from field.md as the same ratio (other models and "
+        "hardware, GPUs mostly).",
         "",
-        "| measurement | ratio | IQR | goal | met? | absolute (context) | trials | other load (cores) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| measurement | ratio | IQR | goal | met? | anchor | absolute (context) | trials "
+        "| other load (cores) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.results:
         lines.append(
             f"| {r.title} | {r.ratio.median:.3f} | {r.ratio.q1:.3f}–{r.ratio.q3:.3f} | "
-            f"{r.goal or '—'} | {_fmt_met(r.met)} | {r.context} | {r.rounds} | "
+            f"{r.goal or '—'} | {_fmt_met(r.met)} | {r.anchor or '—'} | {r.context} | {r.rounds} | "
             f"{_fmt_load(r.background_cores)} |"
         )
     if any(r.background_cores > NOISY_CORES for r in report.results):
@@ -181,6 +186,7 @@ def to_json(report: Report) -> dict[str, object]:
             for r in report.results
         ],
         "floors": [{**dataclasses.asdict(f), "achieved": f.achieved} for f in report.floors],
+        "bottlenecks": [dataclasses.asdict(b) for b in report.bottlenecks],
         "checks": [dataclasses.asdict(c) for c in report.checks],
         "elapsed_s": report.elapsed_s,
         "background_cores": report.background_cores,

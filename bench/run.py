@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from . import report as report_mod
 from .fixture import build_fixture
 from .machine import CpuMonitor, calibrate, machine_info, usable_cores
-from .measurements import decode_step, mixed_generation
+from .measurements import decode_step, describe_bottlenecks, mixed_generation
 from .plans import FULL, QUICK
 from .timing import Progress
 
@@ -25,7 +25,8 @@ from .timing import Progress
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Multi-adapter LoRA benchmark: ratios measured side by side, on CPU, fp32.",
+        description="Multi-adapter benchmark (LoRA and bottleneck adapters): ratios measured side by side, "
+        "on CPU, fp32.",
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, few trials: a smoke run (<1 min)")
     parser.add_argument(
@@ -67,12 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             base_model=fixture.base_model,
             adapter_dir=fixture.adapter_dir,
             dtype="float32",
-            max_adapters=plan.spec.n_adapters,
+            max_adapters=plan.spec.bank_size,
         )
     )
-    if engine.refused or len(engine.bank) != plan.spec.n_adapters:
+    if engine.refused or len(engine.bank) != plan.spec.bank_size:
         print(f"error: the engine did not load every adapter: {engine.refused}", file=sys.stderr)
         return 1
+    bottlenecks = describe_bottlenecks(engine, fixture.adapter_dir, plan.spec)
     bare = AutoModelForCausalLM.from_pretrained(
         fixture.base_model, dtype=torch.float32, local_files_only=True, use_safetensors=True
     ).eval()
@@ -96,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results += section_results
     checks += section_checks
     for batch in sorted({1, plan.batch}):
-        section_results, section_checks, floor = decode_step(engine, bare, plan, batch, calibration, progress)
+        section_results, section_checks, floor = decode_step(
+            engine, bare, plan, batch, bottlenecks, calibration, progress
+        )
         results += section_results
         checks += section_checks
         floors.append(floor)
@@ -108,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results=results,
         checks=checks,
         floors=floors,
+        bottlenecks=bottlenecks,
         elapsed_s=time.perf_counter() - start,
         background_cores=monitor.background_cores(),
     )

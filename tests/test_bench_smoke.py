@@ -33,7 +33,11 @@ def test_quick_bench_writes_the_report(tmp_path: Path):
     assert data["ok"] is True
     assert data["plan"]["name"] == "quick"
     keys = {r["key"] for r in data["results"]}
-    assert {"a.mixed", "b.adapter.B1", "b.wrapper.B1", "b.adapter.B4", "c.mixed.B4"} <= keys
+    assert {"a.mixed", "a.lora_vs_base", "a.kinds", "c.mixed.B8"} <= keys
+    for batch in (1, 8):
+        assert {f"b.adapter.B{batch}", f"b.wrapper.B{batch}"} <= keys
+        assert {f"b.bottleneck.{kind}.B{batch}" for kind in ("seq_bn", "double_seq_bn", "par_bn")} <= keys
+    assert [b["adapter_id"] for b in data["bottlenecks"]] == ["seq_bn", "double_seq_bn", "par_bn"]
     for result in data["results"]:
         assert result["rounds"] >= 1
         assert result["ratio"]["median"] > 0
