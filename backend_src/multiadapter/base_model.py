@@ -123,7 +123,7 @@ def bottleneck_layout(model: nn.Module) -> BottleneckLayout | None:
 
 
 def bottleneck_site(model: nn.Module, place: BottleneckPlace) -> BankedBottleneck:
-    """The BankedBottleneck at `place`, hooked into the base model on first use (modules are not replaced)."""
+    """The BankedBottleneck at `place`, attached to the base model on first use (modules are not replaced)."""
     sites = model.__dict__.setdefault(_SITES_ATTR, {})
     site = sites.get(place)
     if site is not None:
@@ -135,8 +135,7 @@ def bottleneck_site(model: nn.Module, place: BottleneckPlace) -> BankedBottlenec
     norm_name, block_name = layout.norm_and_block[place.position]
     norm, block = layer.get_submodule(norm_name), layer.get_submodule(block_name)
     site = BankedBottleneck(place, layout.hidden_size, next(block.parameters()))
-    norm.register_forward_pre_hook(site.capture_residual)
-    block.register_forward_hook(site.rewrite_output)
+    site.attach(norm, block)
     sites[place] = site
     return site
 
