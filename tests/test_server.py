@@ -45,18 +45,34 @@ def burst(tiny_model, n: int, seed: int) -> list[GenerateRequest]:
     ]
 
 
+def scrape(server, name: str, **labels: str) -> float:
+    """Sum of the samples of metric `name` on Triton's /metrics whose labels include `labels`."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{server.metrics_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def test_adapters_really_differ(client, tiny_model, offline_engine):
     answers = {a: expected(offline_engine, "hello world", a, 12)[0] for a in ["", *tiny_model.adapter_ids]}
     assert len(set(answers.values())) == len(answers), answers
 
 
 def test_concurrent_mixed_burst_each_gets_its_adapters_answer_and_is_batched(
-    client, tiny_model, offline_engine
+    client, tiny_model, offline_engine, triton_server
 ):
     requests = burst(tiny_model, 32, seed=len(client.protocol))
     before = client.inference_statistics("adapter_lm")
+    mixed_before = scrape(triton_server, "multiadapter_batches_total", composition="mixed")
     outcomes = client.generate_many(requests, concurrency=16)
     after = client.inference_statistics("adapter_lm")
+    mixed_after = scrape(triton_server, "multiadapter_batches_total", composition="mixed")
     for request, outcome in zip(requests, outcomes, strict=True):
         assert isinstance(outcome, GenerateResult), outcome
         text, version = expected(offline_engine, request.text, request.adapter_id, request.max_tokens)
@@ -70,6 +86,7 @@ def test_concurrent_mixed_burst_each_gets_its_adapters_answer_and_is_batched(
     assert executions < inferences, (
         f"{executions} executions for {inferences} inferences: nothing was batched"
     )
+    assert mixed_after > mixed_before, "no batch mixed adapters"
 
 
 def test_one_bad_request_in_a_burst_fails_alone(client, tiny_model, offline_engine):
@@ -112,12 +129,18 @@ ERRORS = [
 
 
 @pytest.mark.parametrize(("fields", "code", "message"), ERRORS, ids=[e[2][:24] for e in ERRORS])
-def test_bad_request_gets_a_typed_error_and_the_server_stays_ready(client, fields, code, message):
+def test_bad_request_gets_a_typed_error_and_the_server_stays_ready(
+    client, triton_server, fields, code, message
+):
+    lm_errors = scrape(triton_server, "multiadapter_request_errors_total", code=code)
     with pytest.raises(RequestFailed) as info:
         client.generate(GenerateRequest(**fields))
     assert info.value.code == code
     assert message in info.value.message
     assert client.is_ready()
+    if "text_input" not in message and "UTF-8" not in message and "the limit is" not in message:
+        # errors found by the LM step are counted there (the tokenizer step rejects the others)
+        assert scrape(triton_server, "multiadapter_request_errors_total", code=code) == lm_errors + 1
 
 
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy(client):
