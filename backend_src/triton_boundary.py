@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from multiadapter.config import ENV_BASE_MODEL
 from multiadapter.errors import ErrorKind, InvalidRequest, RequestError
+from multiadapter.tokenization import TextCodec
 
 # Attribute names, resolved at call time: the stub attaches TritonError to the module after import.
 _CODES = {
@@ -165,3 +169,9 @@ class ServingMetrics:
             metric.increment(value)
         except Exception:  # noqa: BLE001
             logging.getLogger(__name__).exception("could not update a metric")
+
+
+def text_codec(args: Mapping[str, str]) -> TextCodec:
+    """The base model's tokenizer for the tokenizer / detokenizer steps ($MULTIADAPTER_BASE_MODEL first)."""
+    base = os.environ.get(ENV_BASE_MODEL) or model_parameters(args).get("base_model", "")
+    return TextCodec.load(Path(base))

@@ -9,13 +9,11 @@ _SRC = os.environ.get("MULTIADAPTER_BACKEND_SRC") or str(Path(__file__).resolve(
 sys.path.insert(0, _SRC)
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from multiadapter.config import ENV_BASE_MODEL  # noqa: E402
-from multiadapter.tokenization import TextCodec  # noqa: E402
 from triton_boundary import (  # noqa: E402
     bytes_tensor,
     error_response,
-    model_parameters,
     route_logging_to_triton,
+    text_codec,
     token_ids,
 )
 
@@ -23,9 +21,7 @@ from triton_boundary import (  # noqa: E402
 class TritonPythonModel:
     def initialize(self, args):
         route_logging_to_triton()
-        params = model_parameters(args)
-        base = os.environ.get(ENV_BASE_MODEL) or params.get("base_model", "")
-        self.codec = TextCodec.load(Path(base))
+        self.codec = text_codec(args)
 
     def execute(self, requests):
         responses = []
