@@ -16,11 +16,8 @@ only create the adapters; the benchmark loads them all into one bank through the
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +25,8 @@ import adapters
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from tools.build_cache import locked, read_stamp, seeded
 
 BUILDER_VERSION = 2
 STAMP_NAME = "fixture.json"
@@ -107,8 +106,8 @@ def build_fixture(spec: ModelSpec, root: Path) -> tuple[Fixture, bool]:
     root = root.resolve()
     fixture = Fixture(spec, root / "base", root / "adapters")
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / ".lock"):
-        if _read_stamp(root) == _stamp(spec):
+    with locked(root / ".lock"):
+        if read_stamp(root / STAMP_NAME) == _stamp(spec):
             return fixture, False
         (root / STAMP_NAME).unlink(missing_ok=True)
         for stale in (fixture.base_model, fixture.adapter_dir):
@@ -137,7 +136,7 @@ def _build_base(spec: ModelSpec, out: Path) -> None:
         bos_token_id=1,
         eos_token_id=2,
     )
-    with _seeded(spec.seed):
+    with seeded(spec.seed):
         model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
 
@@ -151,7 +150,7 @@ def _build_adapter(spec: ModelSpec, base_dir: Path, out: Path, seed: int) -> Non
         target_modules=list(LORA_TARGETS),
         init_lora_weights=False,  # random, non-zero B: the adapter really changes the output
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = get_peft_model(base, config)
     model.save_pretrained(out, safe_serialization=True)
     (out / "README.md").unlink(missing_ok=True)
@@ -185,28 +184,3 @@ def _randomize_bottleneck(model: torch.nn.Module, name: str, generator: torch.Ge
 def _stamp(spec: ModelSpec) -> dict[str, object]:
     # Through JSON and back, so that tuples compare equal to the lists read from the stamp file.
     return json.loads(json.dumps({"builder_version": BUILDER_VERSION, "spec": dataclasses.asdict(spec)}))
-
-
-def _read_stamp(root: Path) -> dict[str, object] | None:
-    try:
-        return json.loads((root / STAMP_NAME).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's global CPU generator for the block only (model init draws from it)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)

@@ -14,14 +14,12 @@ base and to every other adapter, so tests built on them cannot pass with an adap
 from __future__ import annotations
 
 import argparse
-import fcntl
 import itertools
 import json
 import logging
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+from tools.build_cache import locked, read_stamp, seeded
 
 LOG = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def build_base_model(vocab_size: int, seed: int) -> LlamaForCausalLM:
         eos_token_id=SPECIAL_TOKENS.index(EOS),
         tie_word_embeddings=False,
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
@@ -151,7 +151,7 @@ def build_adapter(base_model_dir: Path, adapter_id: str, seed: int) -> PeftModel
     """A PEFT LoRA adapter with random, amplified weights on a fresh copy of the saved base."""
     base = LlamaForCausalLM.from_pretrained(base_model_dir)
     config = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **ADAPTER_SPECS[adapter_id])
-    with _seeded(seed):
+    with seeded(seed):
         model = get_peft_model(base, config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -199,8 +199,8 @@ def build_tiny(out_dir: Path, seed: int = 0) -> TinyModelPaths:
     """
     paths = paths_for(out_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
-    with _locked(paths.root / ".lock"):
-        if _read_stamp(paths.root) == _stamp(seed):
+    with locked(paths.root / ".lock"):
+        if read_stamp(paths.root / STAMP_NAME) == _stamp(seed):
             LOG.info("tiny model up to date in %s", paths.root)
             return paths
         _build_into(paths, seed)
@@ -238,31 +238,6 @@ def _check_round_trip(tokenizer: PreTrainedTokenizerFast) -> None:
 
 def _stamp(seed: int) -> dict[str, int]:
     return {"builder_version": BUILDER_VERSION, "seed": seed}
-
-
-def _read_stamp(root: Path) -> dict[str, int] | None:
-    try:
-        return json.loads((root / STAMP_NAME).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's global CPU generator for the block only; the caller's RNG state is restored."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

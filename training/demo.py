@@ -31,10 +31,11 @@ import torch
 from peft import get_peft_model
 from transformers import PreTrainedTokenizerFast
 
+from tools.build_cache import seeded
 from tools.tiny_model import build_tokenizer
 from training.data import ALPHABET, MAX_LEN, MIN_LEN, evaluation_prompts, training_batches
 from training.evaluate import Score, exact_match
-from training.model import build_base_model, load_demo_model, seeded
+from training.model import build_base_model, load_demo_model
 from training.recipe import (
     ACCURACY_BAR,
     ADAPTER_STYLES,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tools.build_cache import seeded
 
 
 @dataclass(frozen=True)
@@ -62,14 +62,3 @@ def load_demo_model(
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     return model.to(dtype).eval()
-
-
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed torch's global CPU generator for the block only, for code that draws from it (weight init).
-
-    The caller's RNG state is restored afterwards.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
