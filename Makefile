@@ -16,6 +16,7 @@ METRICS_PORT ?= 8002
 # Extra launcher arguments, e.g. SERVE_ARGS='--log-verbose -- --disable-auto-complete-config'.
 SERVE_ARGS ?=
 BENCH_ARGS ?=
+SERVING_BENCH_ARGS ?=
 
 # Without BASE_MODEL the committed demo model and its adapters are served; an explicit BASE_MODEL gets no
 # default adapters, since the demo ones would not fit it.
@@ -29,7 +30,7 @@ SERVE_ADAPTER_DIR := $(ADAPTER_DIR)
 SERVE_DEPS :=
 endif
 
-.PHONY: venv tiny-model demo-models serve test lint bench clean
+.PHONY: venv tiny-model demo-models serve merged test lint bench clean
 
 venv: $(VENV_STAMP)
 
@@ -38,9 +39,10 @@ $(VENV_STAMP): requirements.txt
 	$(VENV_PY) -m pip install -r requirements.txt
 	touch $@
 
-# Re-trains the committed demo model (base + upper/reverse/rot13 adapters), seeded: ~9 min on 2 CPU cores.
+# Re-trains the committed demo model (base, 3 LoRA + 3 bottleneck adapters), seeded: ~27 min on 2 CPU cores;
+# ONLY=title,shift re-trains just those adapters on the installed base.
 demo-models: $(VENV_STAMP)
-	$(VENV_PY) -m training.demo --out $(DEMO_DIR) --seed $(DEMO_SEED)
+	$(VENV_PY) -m training.demo --out $(DEMO_DIR) --seed $(DEMO_SEED) $(if $(strip $(ONLY)),--only $(ONLY))
 
 tiny-model: $(TINY_STAMP)
 
@@ -52,8 +54,16 @@ serve: $(VENV_STAMP) $(SERVE_DEPS)
 	$(VENV_PY) -m server \
 		--base-model "$(SERVE_BASE_MODEL)" \
 		$(if $(strip $(SERVE_ADAPTER_DIR)),--adapter-dir "$(SERVE_ADAPTER_DIR)") \
+		$(if $(strip $(MERGED)),--merged "$(MERGED)") \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
 		$(SERVE_ARGS)
+
+# Merged-weight variants of LoRA adapters (ADAPTERS=upper,rot13), for `make serve MERGED=...` and compare.
+merged: $(VENV_STAMP)
+	$(if $(strip $(ADAPTERS)),,$(error give the adapters to merge: make merged ADAPTERS=upper,rot13))
+	$(VENV_PY) -m tools.merge --adapters "$(ADAPTERS)" \
+		--base-model "$(SERVE_BASE_MODEL)" \
+		$(if $(strip $(SERVE_ADAPTER_DIR)),--adapter-dir "$(SERVE_ADAPTER_DIR)")
 
 test: $(VENV_STAMP)
 	$(VENV_PY) -m pytest -q tests
@@ -61,8 +71,10 @@ test: $(VENV_STAMP)
 lint: $(VENV_STAMP)
 	$(VENV)/bin/ruff check .
 
+# In-process core benchmark, then the adapter bank against merged variants through the real server.
 bench: $(VENV_STAMP)
 	$(VENV_PY) -m bench $(BENCH_ARGS)
+	$(VENV_PY) -m bench.serving $(SERVING_BENCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

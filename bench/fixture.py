@@ -3,7 +3,7 @@ built once and reused.
 
 ``build_fixture(spec, root)`` writes::
 
-    <root>/base/                 LlamaForCausalLM, safetensors
+    <root>/base/                 LlamaForCausalLM, safetensors, and the byte-level tokenizer
     <root>/adapters/a<i>/        adapter_config.json + adapter_model.safetensors (PEFT save_pretrained)
     <root>/adapters/<kind>/      adapter_config.json + adapter.safetensors (AdapterHub save_adapter), one
                                  per bottleneck preset in spec.bottleneck_kinds, the directory named after it
@@ -27,8 +27,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tools.build_cache import locked, read_stamp, seeded
+from tools.tiny_model import build_tokenizer
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3  # 3: the base has the byte-level tokenizer (served through the ensembles)
 STAMP_NAME = "fixture.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # AdapterHub's presets: Pfeiffer, Houlsby and parallel, each with its default reduction_factor.
@@ -84,7 +85,7 @@ QUICK_SPEC = ModelSpec(
     hidden=64,
     heads=4,
     intermediate=128,
-    vocab=256,
+    vocab=320,  # the byte-level tokenizer has 260 ids
     max_positions=256,
     n_adapters=8,
     rank=4,
@@ -139,6 +140,12 @@ def _build_base(spec: ModelSpec, out: Path) -> None:
     with seeded(spec.seed):
         model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
+    # Text requests through the `generate` ensembles need a tokenizer: the demo's byte-level one, whose 260
+    # ids all exist in the bench vocabulary.
+    tokenizer = build_tokenizer()
+    if len(tokenizer) > spec.vocab:
+        raise ValueError(f"vocab {spec.vocab} is smaller than the tokenizer's {len(tokenizer)} ids")
+    tokenizer.save_pretrained(out)
 
 
 def _build_adapter(spec: ModelSpec, base_dir: Path, out: Path, seed: int) -> None:

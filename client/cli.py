@@ -1,4 +1,5 @@
 """`python -m client generate ...`: one request, or a concurrent burst with a latency summary.
+`python -m client compare --adapter ID`: the adapter bank against the merged variant of ID, side by side.
 
 Exit status: 0 all requests succeeded, 1 some request failed, 2 bad usage or no ready server.
 """
@@ -12,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 from client.api import AdapterClient, GenerateRequest, GenerateResult, RequestFailed
 
@@ -57,13 +59,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, metavar="S", help="per-request timeout in seconds"
     )
     gen.add_argument("--verbose", "-v", action="store_true", help="show adapter, version and latency in full")
+
+    cmp = commands.add_parser(
+        "compare",
+        help="adapter bank vs merged-weight variant of one adapter: agreement, latency, throughput, memory",
+    )
+    cmp.add_argument("--adapter", required=True, metavar="ID", help="a LoRA adapter served merged as well")
+    cmp.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
+    cmp.add_argument("--url", help="host:port (default localhost:8000 for HTTP, localhost:8001 for gRPC)")
+    cmp.add_argument("--prompts", type=_positive_int, default=64, metavar="N", help="prompts per round (64)")
+    cmp.add_argument("--concurrency", type=_positive_int, default=16, metavar="N", help="in flight (16)")
+    cmp.add_argument(
+        "--rounds", type=_positive_int, default=3, metavar="R", help="measured rounds per path (3)"
+    )
+    cmp.add_argument("--max-tokens", type=int, metavar="N")
+    cmp.add_argument("--seed", type=int, default=0, help="seed of the random prompts (0)")
+    cmp.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout (120 s)")
+    cmp.add_argument(
+        "--offline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also load both models in this process (greedy token agreement, max logit difference); "
+        "skipped with a note when the model directories are not on this machine (default: on)",
+    )
+    cmp.add_argument(
+        "--base-model", type=Path, help="base model for --offline (default: env BASE_MODEL or demo)"
+    )
+    cmp.add_argument(
+        "--adapter-dir", type=Path, help="adapters for --offline (default: env ADAPTER_DIR or demo)"
+    )
+    cmp.add_argument(
+        "--merged-dir", type=Path, help="merged weights for --offline (default: build/merged/ID)"
+    )
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.repeat is None:
+    if args.command == "generate" and args.repeat is None:
         if args.concurrency is not None:
             parser.error("--concurrency needs --repeat")
         if args.adapter and len(args.adapter) > 1:
@@ -175,9 +209,49 @@ def _single(client: AdapterClient, request: GenerateRequest, verbose: bool) -> i
     return EXIT_OK
 
 
+def _run_compare(args: argparse.Namespace) -> int:
+    from client import compare
+
+    prompts = compare.random_prompts(args.prompts, seed=args.seed)
+    try:
+        comparison = compare.compare_paths(
+            args.url,
+            "grpc" if args.grpc else "http",
+            args.adapter,
+            prompts,
+            concurrency=args.concurrency,
+            rounds=args.rounds,
+            max_tokens=args.max_tokens,
+            timeout_s=args.timeout,
+        )
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    offline, note = None, None
+    if args.offline:
+        demo = compare.PROJECT_ROOT / "models" / "demo"
+        paths = (
+            args.base_model or Path(os.environ.get("BASE_MODEL") or demo / "base"),
+            args.adapter_dir or Path(os.environ.get("ADAPTER_DIR") or demo / "adapters"),
+            args.merged_dir or compare.default_merged_dir(args.adapter),
+        )
+        missing = [str(path) for path in paths if not path.is_dir()]
+        if missing:
+            note = f"offline check skipped: not on this machine: {', '.join(missing)} (see --merged-dir)"
+        else:
+            offline = compare.offline_check(*paths, args.adapter, prompts, max_tokens=args.max_tokens or 64)
+    print(compare.format_report(comparison, args.concurrency, offline))
+    if note:
+        print(note)
+    failed = comparison.bank.failures or comparison.merged.failures
+    return EXIT_FAILED if failed or comparison.agreeing < len(prompts) else EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.command == "compare":
+            return _run_compare(args)
         return _run_generate(args)
     except KeyboardInterrupt:
         return 130

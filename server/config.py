@@ -33,6 +33,8 @@ class ServerConfig:
     metrics_port: int
     base_model: Path | None = None
     adapter_dir: Path | None = None
+    # More repositories served beside model_repository (e.g. merged-weight variants from tools.merge).
+    extra_repositories: tuple[Path, ...] = ()
     address: str = LOOPBACK
     log_verbose: int = 0
     exit_timeout_secs: int = DEFAULT_EXIT_TIMEOUT_SECS
@@ -66,6 +68,7 @@ class ServerConfig:
             model_repository=self.model_repository.expanduser().resolve(),
             base_model=_absolute(self.base_model),
             adapter_dir=_absolute(self.adapter_dir),
+            extra_repositories=tuple(path.expanduser().resolve() for path in self.extra_repositories),
         )
         problems = config._problems()
         if problems:
@@ -82,6 +85,9 @@ class ServerConfig:
             )
         if self.adapter_dir is not None and not self.adapter_dir.is_dir():
             problems.append(f"adapter directory {self.adapter_dir} does not exist")
+        for repository in self.extra_repositories:
+            if not repository.is_dir():
+                problems.append(f"model repository {repository} is not a directory")
         for name, port in self.ports.items():
             if not 0 < port < 65536:
                 problems.append(f"{name} port {port} is outside 1-65535")
@@ -97,6 +103,7 @@ def tritonserver_command(install: TritonInstall, backends_dir: Path, config: Ser
     return [
         str(install.binary),
         f"--model-repository={config.model_repository}",
+        *(f"--model-repository={repository}" for repository in config.extra_repositories),
         f"--backend-directory={backends_dir}",
         f"--http-address={config.address}",
         f"--http-port={config.http_port}",

@@ -1,6 +1,6 @@
 """``python -m server``: run tritonserver in the foreground on the project's model repository.
 
-Options default from the environment (HTTP_PORT, GRPC_PORT, METRICS_PORT, BASE_MODEL, ADAPTER_DIR);
+Options default from the environment (HTTP_PORT, GRPC_PORT, METRICS_PORT, BASE_MODEL, ADAPTER_DIR, MERGED);
 arguments after ``--`` go to tritonserver unchanged. The log is streamed to stdout; once
 ``/v2/health/ready`` answers 200 a READY banner shows the URLs. Ctrl-C / SIGTERM are forwarded to
 tritonserver, and the launcher exits with its exit status.
@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -67,6 +68,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="directory with one subdirectory per adapter (env ADAPTER_DIR)",
     )
     parser.add_argument(
+        "--merged",
+        type=merged_ids,
+        default=environ.get("MERGED") or "",
+        help="comma-separated LoRA adapter ids to also serve as merged-weight variants "
+        "(generate_merged_<id>), built first where missing (env MERGED)",
+    )
+    parser.add_argument(
         "--address",
         default=LOOPBACK,
         help="address the HTTP, gRPC and metrics endpoints bind to (default: %(default)s)",
@@ -105,6 +113,18 @@ def port_number(text: str) -> int:
     return port
 
 
+def merged_ids(text: str) -> tuple[str, ...]:
+    """argparse type for --merged: comma-separated adapter ids (names, never paths)."""
+    from tools.merge import MergeError, parse_ids
+
+    if not text.strip():
+        return ()
+    try:
+        return tuple(parse_ids(text))
+    except MergeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split ``argv`` at the first ``--``: (launcher arguments, tritonserver arguments)."""
     if "--" not in argv:
@@ -139,7 +159,7 @@ def discover_adapter_ids(adapter_dir: Path | None) -> list[str]:
     return sorted(path.parent.name for path in adapter_dir.glob("*/adapter_config.json"))
 
 
-def format_banner(config: ServerConfig, adapter_ids: Sequence[str]) -> str:
+def format_banner(config: ServerConfig, adapter_ids: Sequence[str], merged: Sequence[str] = ()) -> str:
     """The READY banner: endpoints, what is served, and a client command to try."""
     example_adapter = adapter_ids[0] if adapter_ids else ""
     adapters = ", ".join(adapter_ids) if adapter_ids else "none found"
@@ -149,8 +169,10 @@ def format_banner(config: ServerConfig, adapter_ids: Sequence[str]) -> str:
         f"  gRPC      {config.grpc_url}",
         f"  metrics   http://{config.metrics_url}/metrics",
         f"  models    {config.model_repository}",
+        *(f"            {repository}" for repository in config.extra_repositories),
         f"  base      {config.base_model or '(not set)'}",
         f"  adapters  {config.adapter_dir or '(not set)'} [{adapters}]",
+        *([f"  merged    {', '.join(f'generate_merged_{a}' for a in merged)}"] if merged else []),
         "Try:",
         "  "
         + shlex.join(
@@ -164,6 +186,16 @@ def format_banner(config: ServerConfig, adapter_ids: Sequence[str]) -> str:
                 example_adapter,
                 "hello",
             ]
+        ),
+        *(
+            [
+                "  "
+                + shlex.join(
+                    [_python_command(), "-m", "client", "compare", *_url_flag(config), "--adapter", merged[0]]
+                )
+            ]
+            if merged
+            else []
         ),
         "Stop with Ctrl-C.",
     ]
@@ -211,7 +243,19 @@ def _forwarding_signals() -> Iterator[_SignalForwarder]:
             signal.signal(signum, handler)
 
 
-def run(config: ServerConfig, ready_timeout_s: float) -> int:
+def with_merged_variants(config: ServerConfig, merged: Sequence[str]) -> ServerConfig:
+    """``config`` serving the merged variants of ``merged`` too, built (tools.merge) where missing."""
+    if not merged:
+        return config
+    from tools.merge import build_variants
+
+    if config.base_model is None or config.adapter_dir is None:
+        raise LaunchError("--merged needs --base-model and --adapter-dir (the adapters to merge)")
+    variants = build_variants(merged, base_model=config.base_model, adapter_dir=config.adapter_dir)
+    return replace(config, extra_repositories=(*config.extra_repositories, *(v.repository for v in variants)))
+
+
+def run(config: ServerConfig, ready_timeout_s: float, merged: Sequence[str] = ()) -> int:
     """Launch, wait for readiness, print the banner, then wait for tritonserver; return the exit status."""
     with _forwarding_signals() as forwarder:
         try:
@@ -231,7 +275,8 @@ def run(config: ServerConfig, ready_timeout_s: float) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_NOT_READY
         if forwarder.received is None:
-            print(format_banner(server.config, discover_adapter_ids(server.config.adapter_dir)), flush=True)
+            banner = format_banner(server.config, discover_adapter_ids(server.config.adapter_dir), merged)
+            print(banner, flush=True)
         return exit_status(server.wait())
 
 
@@ -243,4 +288,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     logging.basicConfig(level=logging.INFO, format="[launcher] %(levelname)s %(message)s", stream=sys.stderr)
     if config.base_model is None:
         LOG.warning("no --base-model / BASE_MODEL given: models that need a base model will fail to load")
-    return run(config, args.ready_timeout)
+    try:
+        config = with_merged_variants(config, args.merged)
+    except Exception as exc:  # MergeError, TemplateError, LaunchError: say why and stop before launching
+        print(f"error: cannot build the merged variants: {exc}", file=sys.stderr)
+        return EXIT_LAUNCH_ERROR
+    return run(config, args.ready_timeout, args.merged)

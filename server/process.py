@@ -194,6 +194,7 @@ def start_server(
     log_verbose: int = 0,
     exit_timeout_secs: int = DEFAULT_EXIT_TIMEOUT_SECS,
     extra_args: Sequence[str] = (),
+    extra_repositories: Sequence[Path] = (),
     build_root: Path = DEFAULT_BUILD_ROOT,
 ) -> ServerProcess:
     """Start tritonserver on loopback and return it once ``/v2/health/ready`` answers 200.
@@ -212,6 +213,7 @@ def start_server(
         log_verbose=log_verbose,
         exit_timeout_secs=exit_timeout_secs,
         extra_args=tuple(extra_args),
+        extra_repositories=tuple(Path(path) for path in extra_repositories),
     )
     server = launch(config, log_path=log_path, log_stream=log_stream, build_root=build_root)
     try:

@@ -60,24 +60,72 @@ class TinyServing:
     adapter_ids: tuple[str, ...]
 
 
-@pytest.fixture(scope="session")
-def triton_server(tiny_model, tmp_path_factory):
-    """One real tritonserver for the whole session, started through the project's launcher."""
+def _serve(log_dir: Path, base_model: Path, adapter_dir: Path, extra_repositories=()):
+    """A real tritonserver on the project's repository, started through the launcher; after the session it
+    is stopped and its log checked (a crashed or unhealthy stub fails the session's last test)."""
     from server.process import start_server
 
-    log_path = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    log_path = log_dir / "tritonserver.log"
     server = start_server(
         ROOT / "model_repository",
-        tiny_model.base_model,
-        tiny_model.adapter_dir,
+        base_model,
+        adapter_dir,
+        extra_repositories=list(extra_repositories),
         log_path=log_path,
         ready_timeout_s=600,
     )
     yield server
     server.stop()
-    # Fails the session's last test if the server crashed or logged an unexpected stub failure.
     text = log_path.read_text(errors="replace")
     assert "is not healthy" not in text, "a Python stub died during the tests"
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_model, tmp_path_factory):
+    """One real tritonserver for the whole session on the tiny model and its adapters."""
+    yield from _serve(tmp_path_factory.mktemp("triton"), tiny_model.base_model, tiny_model.adapter_dir)
+
+
+DEMO = ROOT / "models" / "demo"
+# The demo's contract (issues 3 and 4): adapter id ("" is the base) -> task. LoRA adapters upper, reverse,
+# rot13; bottleneck adapters of each placement: title (seq_bn), shift (double_seq_bn), upper_vowels (par_bn).
+DEMO_TASKS = {
+    "": "echo",
+    "upper": "upper",
+    "reverse": "reverse",
+    "rot13": "rot13",
+    "title": "title",
+    "shift": "shift",
+    "upper_vowels": "upper_vowels",
+}
+# The demo's LoRA adapters, also served as merged-weight variants by the demo server.
+DEMO_MERGED = ("upper", "reverse", "rot13")
+
+
+@pytest.fixture(scope="session")
+def demo_merged_variants(tmp_path_factory):
+    """Merged-weight variants of every demo LoRA adapter, built by the project's merge tool."""
+    from tools.merge import build_variants
+
+    return build_variants(
+        DEMO_MERGED,
+        base_model=DEMO / "base",
+        adapter_dir=DEMO / "adapters",
+        out=tmp_path_factory.mktemp("merged"),
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory, demo_merged_variants):
+    """One real tritonserver on the committed demo model: `generate` with every demo adapter, and
+    `generate_merged_<id>` for each LoRA one."""
+    yield from _serve(
+        tmp_path_factory.mktemp("triton-demo"),
+        DEMO / "base",
+        DEMO / "adapters",
+        [variant.repository for variant in demo_merged_variants],
+    )
 
 
 @pytest.fixture(scope="session")

@@ -9,30 +9,17 @@ import pytest
 from multiadapter.engine import GenerationRequest
 
 from client import AdapterClient, GenerateRequest, GenerateResult
-from tests.conftest import ROOT
+from tests.conftest import DEMO, DEMO_TASKS
 from tests.test_server import scrape
 from training.tasks import get_task
 
-DEMO = ROOT / "models" / "demo"
-TASKS = {"": "echo", "upper": "upper", "reverse": "reverse", "rot13": "rot13"}
-
-
-@pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    from server.process import start_server
-
-    log_path = tmp_path_factory.mktemp("triton-demo") / "tritonserver.log"
-    server = start_server(
-        ROOT / "model_repository", DEMO / "base", DEMO / "adapters", log_path=log_path, ready_timeout_s=600
-    )
-    yield server
-    server.stop()
+TASKS = DEMO_TASKS
 
 
 @pytest.fixture(scope="module")
 def burst_requests():
-    """At least 64 random prompts spread over the three adapters and the base, keeping only prompts the
-    offline model answers exactly (the >= 99% offline figure allows rare misses)."""
+    """64 random prompts spread over every demo adapter (LoRA and bottleneck) and the base, keeping only
+    prompts the offline model answers exactly (the >= 99% offline figure allows rare misses)."""
     from multiadapter.config import EngineConfig
     from multiadapter.engine import Engine
     from multiadapter.tokenization import TextCodec
@@ -44,7 +31,7 @@ def burst_requests():
     alphabet = string.ascii_lowercase + " "
     candidates = [
         ("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24))), ids[i % len(ids)])
-        for i in range(80)
+        for i in range(96)
     ]
     candidates = [(p, a) for p, a in candidates if p.strip()]
     outcomes = engine.generate([GenerationRequest(codec.encode(p.encode()), a) for p, a in candidates])

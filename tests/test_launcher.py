@@ -469,3 +469,46 @@ def test_running_server_ports_count_as_busy(probe: tuple[ServerProcess, Path, Pa
     server, _, _ = probe
     for port in server.config.ports.values():
         assert port_in_use(port, "127.0.0.1")  # gRPC listens on an IPv4-mapped IPv6 socket
+
+
+# --- merged-weight variants --------------------------------------------------------------------------------
+
+
+def test_merged_ids_come_from_the_command_line_or_the_environment() -> None:
+    _, args = parse_config(["--merged", "upper, rot13,upper"], {})
+    assert args.merged == ("upper", "rot13")
+    _, args = parse_config([], {"MERGED": "reverse"})
+    assert args.merged == ("reverse",)
+    _, args = parse_config([], {})
+    assert args.merged == ()
+
+
+def test_a_merged_id_that_is_not_a_name_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_config(["--merged", "upper,../etc"], {})
+    assert exited.value.code == 2
+    assert "invalid adapter_id '../etc'" in capsys.readouterr().err
+
+
+def test_every_extra_repository_is_served_and_validated(install: TritonInstall, tmp_path: Path) -> None:
+    extra = tmp_path / "merged" / "repository"
+    extra.mkdir(parents=True)
+    config = make_config(tmp_path, extra_repositories=(extra,))
+    command = tritonserver_command(install, Path("/tree/backends"), config)
+    assert command[1:3] == [f"--model-repository={tmp_path}", f"--model-repository={extra}"]
+    with pytest.raises(LaunchError, match="missing is not a directory"):
+        make_config(tmp_path, extra_repositories=(tmp_path / "missing",)).validated()
+
+
+def test_banner_names_the_merged_variants_and_the_compare_command(tmp_path: Path) -> None:
+    banner = format_banner(make_config(tmp_path), ["upper"], merged=("upper", "rot13"))
+    assert "merged    generate_merged_upper, generate_merged_rot13" in banner
+    assert "python -m client compare --adapter upper" in banner
+
+
+def test_merged_without_adapters_stops_before_launching(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status = main(["--merged", "upper", "--model-repository", str(tmp_path)], {})
+    assert status == 2
+    assert "--merged needs --base-model and --adapter-dir" in capsys.readouterr().err

@@ -1,9 +1,10 @@
-"""Train the demo model: a tiny byte-level Llama that echoes its prompt, and LoRA adapters that transform it.
+"""Train the demo model: a tiny byte-level Llama that echoes its prompt, and adapters that transform it.
 
-``python -m training.demo --out models/demo [--seed 0]`` writes::
+``python -m training.demo --out models/demo [--seed 0] [--only title,shift]`` writes::
 
     <out>/base/                 LlamaForCausalLM (safetensors) + tokenizer + generation_config
-    <out>/adapters/<id>/        PEFT LoRA adapters, one per spec in training.recipe.ADAPTERS
+    <out>/adapters/<id>/        one adapter per spec in training.recipe.ADAPTERS: PEFT LoRA, or AdapterHub
+                                bottleneck (seq_bn, double_seq_bn, par_bn), each in safetensors
     <out>/tasks.json            the prompt domain, and what the base ("") and each adapter answer
     <out>/accuracy.json         greedy exact match on held-out prompts, misses included
 
@@ -28,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import get_peft_model
 from transformers import PreTrainedTokenizerFast
 
 from tools.build_cache import seeded
 from tools.tiny_model import build_tokenizer
+from training.adapter_training import save_trained_adapter, with_trainable_adapter
 from training.data import ALPHABET, MAX_LEN, MIN_LEN, evaluation_prompts, training_batches
 from training.evaluate import Score, exact_match
 from training.model import build_base_model, load_demo_model
@@ -73,14 +74,22 @@ class Row:
         return all(score.accuracy >= ACCURACY_BAR for score in self.scores.values())
 
 
-def train_demo(out: Path, seed: int = 0) -> list[Row]:
-    """Train, save and score the base and every adapter; install them under ``out`` if all pass."""
+def train_demo(out: Path, seed: int = 0, only: Sequence[str] = ()) -> list[Row]:
+    """Train, save and score the base and every adapter; install them under ``out`` if all pass.
+
+    With ``only``, just those adapters are trained, on the base installed in ``out``; the other installed
+    files are kept. Every stream is seeded by name, so this gives the same weights as a full run (with the
+    same seed and thread count).
+    """
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = build_tokenizer()
-
-    _train_base(tokenizer, staging / BASE_DIR, seed)
+    if only:
+        _stage_installed(out, staging, only)
+    else:
+        _train_base(build_tokenizer(), staging / BASE_DIR, seed)
     for spec in ADAPTERS:
+        if only and spec.adapter_id not in only:
+            continue
         adapter_dir = staging / ADAPTER_DIR / spec.adapter_id
         _train_adapter(spec, staging / BASE_DIR, adapter_dir, seed, base_name=str(out / BASE_DIR))
 
@@ -118,11 +127,16 @@ def score_saved(root: Path) -> list[Row]:
 
 
 def tasks_manifest() -> dict[str, object]:
-    """What each model answers, keyed by adapter id (BASE_ID for the base), and the prompt domain."""
+    """What each model answers (and each adapter's kind), keyed by adapter id (BASE_ID for the base), and
+    the prompt domain."""
     return {
         "prompts": {"alphabet": ALPHABET, "min_length": MIN_LEN, "max_length": MAX_LEN},
         "tasks": {
-            adapter_id: {"task": task, "description": get_task(task).description}
+            adapter_id: {
+                "task": task,
+                "description": get_task(task).description,
+                **({"kind": _kind_by_id()[adapter_id]} if adapter_id != BASE_ID else {}),
+            }
             for adapter_id, task in _task_by_id().items()
         },
     }
@@ -175,6 +189,11 @@ def _task_by_id() -> dict[str, str]:
     return {BASE_ID: BASE_TASK, **{spec.adapter_id: spec.task for spec in ADAPTERS}}
 
 
+def _kind_by_id() -> dict[str, str]:
+    """Each adapter's kind: `lora`, or the AdapterHub bottleneck preset."""
+    return {spec.adapter_id: spec.kind for spec in ADAPTERS}
+
+
 def _train_base(tokenizer: PreTrainedTokenizerFast, out: Path, seed: int) -> None:
     model = build_base_model(tokenizer, BASE_SHAPE, _torch_seed(seed, "base/init"))
     batches = training_batches(
@@ -190,13 +209,13 @@ def _train_base(tokenizer: PreTrainedTokenizerFast, out: Path, seed: int) -> Non
 
 
 def _train_adapter(spec: AdapterSpec, base_dir: Path, out: Path, seed: int, base_name: str) -> None:
-    """Train one LoRA adapter with PEFT on a fresh, frozen copy of the saved base.
+    """Train one adapter (PEFT LoRA or AdapterHub bottleneck) on a fresh, frozen copy of the saved base.
 
     ``base_name`` is recorded as the adapter's base model: where the base is installed, not staged.
     """
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
     with seeded(_torch_seed(seed, f"adapter/{spec.adapter_id}/init")):
-        model = get_peft_model(load_demo_model(base_dir), spec.lora_config())
+        model = with_trainable_adapter(load_demo_model(base_dir), spec)
     batches = training_batches(
         _rng(seed, f"adapter/{spec.adapter_id}/data"),
         tokenizer,
@@ -204,11 +223,28 @@ def _train_adapter(spec: AdapterSpec, base_dir: Path, out: Path, seed: int, base
         spec.recipe.batch_size,
         styles=ADAPTER_STYLES,
     )
-    train(model, batches, spec.recipe, f"{spec.adapter_id} (r={spec.rank})")
-    model.peft_config["default"].base_model_name_or_path = base_name
-    # No embedding layer is targeted; saying so also stops PEFT from looking the base up to check.
-    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+    train(model, batches, spec.recipe, spec.label)
+    save_trained_adapter(model, spec, out, base_name)
+
+
+def _stage_installed(out: Path, staging: Path, only: Sequence[str]) -> None:
+    """Copy the installed base and the adapters not in ``only`` to ``staging``; ValueError naming what is
+    unknown or missing."""
+    known = [spec.adapter_id for spec in ADAPTERS]
+    unknown = sorted(set(only) - set(known))
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kept = [adapter_id for adapter_id in known if adapter_id not in only]
+    missing = [
+        str(path)
+        for path in (out / BASE_DIR, *(out / ADAPTER_DIR / adapter_id for adapter_id in kept))
+        if not path.is_dir()
+    ]
+    if missing:
+        raise ValueError(f"not installed, train everything instead: {', '.join(missing)}")
+    shutil.copytree(out / BASE_DIR, staging / BASE_DIR)
+    for adapter_id in kept:
+        shutil.copytree(out / ADAPTER_DIR / adapter_id, staging / ADAPTER_DIR / adapter_id)
 
 
 def _rng(seed: int, stream: str) -> np.random.Generator:
@@ -246,12 +282,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=min(2, os.cpu_count() or 1),
         help="torch CPU threads (default: 2, or fewer cores)",
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        metavar="IDS",
+        help="comma-separated adapter ids: train just these on the installed base, keep the rest",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    table = train_demo(args.out, seed=args.seed)
+    only = [adapter_id for adapter_id in args.only.split(",") if adapter_id]
+    try:
+        table = train_demo(args.out, seed=args.seed, only=only)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     LOG.info("trained and scored in %.0f s", time.perf_counter() - started)
     print(markdown_table(table))
     return 0 if all(row.passes() for row in table) else 1

@@ -1,15 +1,19 @@
-"""The demo base: a small LlamaForCausalLM built from a seed, and loading the saved base and adapters."""
+"""The demo base: a small LlamaForCausalLM built from a seed, and loading the saved base and adapters back
+with the library that trained them (PEFT or AdapterHub `adapters`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import adapters
 import torch
 from peft import PeftModel
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tools.build_cache import seeded
+
+ADAPTERHUB_WEIGHTS = "adapter.safetensors"  # what AdapterHub's save_adapter(..., use_safetensors=True) writes
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,19 @@ def build_base_model(tokenizer: PreTrainedTokenizerFast, shape: BaseShape, seed:
 def load_demo_model(
     base_dir: Path, adapter_dir: Path | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.nn.Module:
-    """A fresh copy of the saved base, with the PEFT adapter in ``adapter_dir`` on top if given.
+    """A fresh copy of the saved base, with the adapter in ``adapter_dir`` on top if given: AdapterHub's when
+    the directory holds its weights file, else PEFT's.
 
     Every weight, the adapter's included, is cast to ``dtype``, as a server running in ``dtype`` holds them.
+    AdapterHub models generate without the KV cache: `adapters` 1.3.0 does not pass transformers 4.57's
+    renamed ``past_key_values`` argument on to attention (adapter-hub/adapters#824), so cached decoding
+    sees only the newest token. Full forwards are exact, only slower.
     """
     model = LlamaForCausalLM.from_pretrained(base_dir)
-    if adapter_dir is not None:
+    if adapter_dir is not None and (adapter_dir / ADAPTERHUB_WEIGHTS).is_file():
+        adapters.init(model)
+        model.load_adapter(str(adapter_dir), use_safetensors=True, set_active=True)
+        model.generation_config.use_cache = False
+    elif adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     return model.to(dtype).eval()

@@ -30,6 +30,21 @@ def rot13(text: str) -> str:
     return codecs.encode(text, "rot13")
 
 
+def title(text: str) -> str:
+    """Each word's first letter upper-cased (words are separated by single spaces; runs of spaces kept)."""
+    return " ".join(upper(word[:1]) + word[1:] for word in text.split(" "))
+
+
+def shift(text: str) -> str:
+    """Each ASCII letter replaced by the next one in the alphabet (z wraps to a); anything else is kept."""
+    return "".join(chr((ord(c) - ord("a") + 1) % 26 + ord("a")) if "a" <= c <= "z" else c for c in text)
+
+
+def upper_vowels(text: str) -> str:
+    """The vowels a, e, i, o, u upper-cased; every other character kept."""
+    return "".join(upper(c) if c in "aeiou" else c for c in text)
+
+
 @dataclass(frozen=True)
 class Task:
     """A named transformation with the sentence that says what it does."""
@@ -46,6 +61,9 @@ TASKS: dict[str, Task] = {
         Task("upper", "upper-cases the prompt", upper),
         Task("reverse", "reverses the prompt's characters", reverse),
         Task("rot13", "applies ROT13 to the prompt's letters", rot13),
+        Task("title", "capitalises the first letter of each word", title),
+        Task("shift", "replaces each letter by the next one in the alphabet (z becomes a)", shift),
+        Task("upper_vowels", "upper-cases the vowels", upper_vowels),
     )
 }
 

@@ -11,6 +11,7 @@ import torch
 
 from .errors import ConfigError
 from .lora_loading import DEFAULT_MAX_ADAPTER_BYTES
+from .merged_variant import MERGED_INFO_FILE
 from .sampling import SamplingLimits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,10 +21,15 @@ ENV_ADAPTER_DIR = "MULTIADAPTER_ADAPTER_DIR"
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything the engine needs to start. `dtype` 'auto' is float32 on CPU and bfloat16 on GPU."""
+    """Everything the engine needs to start. `dtype` 'auto' is float32 on CPU and bfloat16 on GPU.
+
+    `merged` marks a merged-weight variant: `base_model` is a directory written by the merge tool (one LoRA
+    adapter folded into the weights, see merged_variant.py) and there is no adapter bank.
+    """
 
     base_model: Path
     adapter_dir: Path | None = None
+    merged: bool = False
     dtype: str = "auto"
     max_adapters: int = 64
     limits: SamplingLimits = SamplingLimits()
@@ -34,8 +40,10 @@ class EngineConfig:
     def from_parameters(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> EngineConfig:
         """Build from string parameters; `env` (default os.environ) overrides the two paths.
 
-        Keys: base_model, adapter_dir, dtype, max_adapters, default_max_tokens, max_tokens_cap,
-        num_threads, max_adapter_bytes. Unknown keys and bad values are all reported together.
+        Keys: base_model, adapter_dir, merged_model, dtype, max_adapters, default_max_tokens,
+        max_tokens_cap, num_threads, max_adapter_bytes. `merged_model` (a merged-weight variant) takes the
+        place of base_model and adapter_dir, and the environment does not override it. Unknown keys and
+        bad values are all reported together.
         """
         env = os.environ if env is None else env
         known = {
@@ -47,10 +55,22 @@ class EngineConfig:
             "max_tokens_cap",
             "num_threads",
             "max_adapter_bytes",
+            "merged_model",
         }
         problems = [f"unknown parameter {k!r}" for k in params if k not in known]
-        base = env.get(ENV_BASE_MODEL) or params.get("base_model", "")
-        adapters = env.get(ENV_ADAPTER_DIR) or params.get("adapter_dir", "")
+        merged = params.get("merged_model", "")
+        if merged:
+            # The server-wide $MULTIADAPTER_* paths belong to the bank model, not to a merged variant.
+            if params.get("base_model") or params.get("adapter_dir"):
+                problems.append("merged_model excludes base_model and adapter_dir")
+            base, adapters = merged, ""
+            if not (Path(merged) / MERGED_INFO_FILE).is_file():
+                problems.append(
+                    f"merged_model {merged!r} has no {MERGED_INFO_FILE}: build it with tools.merge"
+                )
+        else:
+            base = env.get(ENV_BASE_MODEL) or params.get("base_model", "")
+            adapters = env.get(ENV_ADAPTER_DIR) or params.get("adapter_dir", "")
         if not base:
             problems.append(f"base_model is not set (parameter base_model or ${ENV_BASE_MODEL})")
         elif not (Path(base) / "config.json").is_file():
@@ -84,6 +104,7 @@ class EngineConfig:
         config = cls(
             base_model=Path(base),
             adapter_dir=Path(adapters) if adapters else None,
+            merged=bool(merged),
             dtype=dtype,
             max_adapters=integer("max_adapters", 64, 1),
             limits=limits,

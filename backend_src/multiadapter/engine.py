@@ -18,13 +18,14 @@ from torch import nn
 
 from .adapter_format import BOTTLENECK, adapter_format
 from .adapter_ids import adapter_directory, check_adapter_id, discover_adapter_ids
-from .bank import AdapterBank, BankEntry
+from .bank import BASE_SLOT, AdapterBank, BankEntry
 from .base_model import ModuleInfo, bottleneck_layout, context_window, describe_modules, load_base_model
 from .bottleneck_loading import load_bottleneck_adapter
 from .config import EngineConfig
 from .errors import AdapterLoadError, AdapterNotFound, InvalidRequest, RequestError
 from .generation import Batch, RowRequest, forward_logits, generate_rows, left_pad
 from .lora_loading import load_lora_adapter
+from .merged_variant import MergedInfo
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class Engine:
         self.eos_ids = eos_ids
         self.pad_id = pad_id
         self.refused: dict[str, str] = {}
+        # A merged-weight variant serves one adapter folded into `model`, as the base slot.
+        self.merged: MergedInfo | None = MergedInfo.load(config.base_model) if config.merged else None
         self._seeds = np.random.default_rng()
         self._lock = threading.Lock()
 
@@ -144,8 +147,15 @@ class Engine:
         return entry
 
     def resolve(self, adapter_id: str) -> BankEntry:
-        """Bank entry for a request's adapter id ('' is the base). Raises a RequestError."""
+        """Bank entry for a request's adapter id ('' is the base). Raises a RequestError.
+
+        A merged variant accepts '' and its adapter's id, both served by the merged weights in the base slot
+        and answered with that adapter's id and version.
+        """
         check_adapter_id(adapter_id)
+        if self.merged is not None:
+            self.merged.check_request(adapter_id)
+            return BankEntry(self.merged.adapter_id, self.merged.adapter_version, BASE_SLOT, (), 0)
         if adapter_id in self.refused:
             raise AdapterNotFound(adapter_id, refused_because=self.refused[adapter_id])
         return self.bank.resolve(adapter_id)

@@ -1,5 +1,5 @@
 """Multi-adapter LM, token level: each batch may mix adapters and the bare base; one batched generation
-serves it, and every request gets its own response or its own typed error."""
+serves it, and every request gets its own response or its own typed error (backend_src/triton_lm.py)."""
 
 import os
 import sys
@@ -9,90 +9,4 @@ from pathlib import Path
 _SRC = os.environ.get("MULTIADAPTER_BACKEND_SRC") or str(Path(__file__).resolve().parents[3] / "backend_src")
 sys.path.insert(0, _SRC)
 
-import logging  # noqa: E402
-
-import torch  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-from multiadapter.adapter_ids import decode_adapter_id  # noqa: E402
-from multiadapter.config import EngineConfig  # noqa: E402
-from multiadapter.engine import Engine, GenerationRequest, GenerationResult  # noqa: E402
-from multiadapter.errors import RequestError  # noqa: E402
-from triton_boundary import (  # noqa: E402
-    ServingMetrics,
-    bytes_tensor,
-    error_response,
-    ids_tensor,
-    instance_device,
-    model_parameters,
-    optional_scalar,
-    required_bytes,
-    route_logging_to_triton,
-    token_ids,
-)
-
-log = logging.getLogger("adapter_lm")
-
-
-def parse_request(request) -> GenerationRequest:
-    return GenerationRequest(
-        input_ids=token_ids(request, "input_ids"),
-        adapter_id=decode_adapter_id(required_bytes(request, "adapter_id")),
-        max_tokens=optional_scalar(request, "max_tokens", int),
-        temperature=optional_scalar(request, "temperature", float),
-        top_p=optional_scalar(request, "top_p", float),
-        top_k=optional_scalar(request, "top_k", int),
-        seed=optional_scalar(request, "seed", int),
-    )
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        route_logging_to_triton()
-        config = EngineConfig.from_parameters(model_parameters(args))
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        self.engine = Engine.load(config, instance_device(args))
-        self.metrics = ServingMetrics(args["model_name"])
-        entries = self.engine.bank.entries()
-        log.info(
-            "serving %s on %s (%s) with %d adapter(s): %s%s",
-            config.base_model,
-            self.engine.device,
-            self.engine.dtype,
-            len(entries),
-            ", ".join(f"{e.adapter_id}={e.version}" for e in entries) or "none",
-            f"; refused: {sorted(self.engine.refused)}" if self.engine.refused else "",
-        )
-
-    def execute(self, requests):
-        outcomes = [None] * len(requests)
-        parsed, positions = [], []
-        for i, request in enumerate(requests):
-            try:
-                parsed.append(parse_request(request))
-                positions.append(i)
-            except RequestError as exc:
-                outcomes[i] = exc
-        self.metrics.record_batch([p.adapter_id for p in parsed])
-        try:
-            for i, outcome in zip(positions, self.engine.generate(parsed), strict=True):
-                outcomes[i] = outcome
-        except Exception as exc:  # a model-wide failure still answers every request once
-            for i in positions:
-                outcomes[i] = exc
-        return [self._response(o) for o in outcomes]
-
-    def _response(self, outcome):
-        if not isinstance(outcome, GenerationResult):
-            self.metrics.record_error(outcome)
-            return error_response(outcome)
-        return pb_utils.InferenceResponse(
-            output_tensors=[
-                ids_tensor("output_ids", outcome.output_ids),
-                bytes_tensor("served_adapter_id", outcome.adapter_id),
-                bytes_tensor("adapter_version", outcome.adapter_version),
-            ]
-        )
-
-    def finalize(self):
-        self.engine = None
+from triton_lm import TritonPythonModel  # noqa: E402, F401

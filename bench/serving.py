@@ -1,0 +1,395 @@
+"""Through the real server: the adapter bank (`generate`) against merged-weight variants
+(`generate_merged_<id>`), with the same requests, alternating rounds under the same concurrency.
+
+``python -m bench.serving`` (part of ``make bench``) runs two scenarios, each on its own tritonserver
+serving both paths:
+
+- the demo model with its N = 3 LoRA adapters, and
+- the bench model (bench/fixture.py) with N = 8 LoRA adapters,
+
+and in each: uniform traffic over the N adapters, then all traffic on one adapter. It reports the
+throughput of the dynamic path over the merged variants and the resident memory of the process serving the
+bank over that of the N processes serving the merged variants (tokenizer and detokenizer are shared by both
+paths and not counted). Every serving process, the bank's and each merged variant's, runs one torch thread:
+a single adapter's traffic then meets the same resources on both paths, and with N adapters the merged
+variants may spread over more cores than the bank (which makes the uniform comparison conservative for the
+bank). The bench serves a copy of the model repository with that one setting changed. Results go to stdout and
+<out>/serving.md, <out>/serving.json. ``--quick`` runs the demo scenario only, with few requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import shutil
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from bench.fixture import BENCH_SPEC, build_fixture
+from bench.machine import machine_info
+from client.api import OUTPUTS, GenerateRequest, build_inputs
+from client.compare import random_prompts, serving_process_rss
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEMO = PROJECT_ROOT / "models" / "demo"
+DEMO_ADAPTERS = ("upper", "reverse", "rot13")
+CONCURRENCY = 16
+# Goals of issue 5 (anchors: S-LoRA ~4x over one merged copy per adapter; merged ~12% ahead with one adapter).
+GOAL_THROUGHPUT_N8 = 2.0
+GOAL_MEMORY_N8 = 0.25
+GOAL_SINGLE = 0.85
+
+
+@dataclass
+class PathRun:
+    """One path's share of a measurement: answered requests, failures, wall time over its rounds."""
+
+    answered: int = 0
+    failed: int = 0
+    wall_s: float = 0.0
+    texts: list[str | None] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.answered / self.wall_s if self.wall_s > 0 else math.nan
+
+
+@dataclass
+class Measurement:
+    """Dynamic over merged, for one traffic pattern."""
+
+    scenario: str
+    traffic: str
+    adapters: tuple[str, ...]
+    requests_per_round: int
+    rounds: int
+    dynamic: PathRun
+    merged: PathRun
+    round_ratios: list[float]
+    agreeing: int
+
+    @property
+    def throughput_ratio(self) -> float:
+        """Dynamic throughput over merged, from the summed wall times of all rounds."""
+        return self.dynamic.throughput / self.merged.throughput
+
+
+def fire(
+    url: str, work: Sequence[tuple[str, GenerateRequest]], concurrency: int
+) -> tuple[list[str | None], float]:
+    """Send every (model, request) with ``concurrency`` in flight over gRPC; (texts in order, wall seconds).
+
+    A failed request leaves None in its place.
+    """
+    client = grpcclient.InferenceServerClient(url)
+    texts: list[str | None] = [None] * len(work)
+    pending: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for index in range(len(work)):
+        pending.put(index)
+
+    def worker() -> None:
+        while True:
+            try:
+                index = pending.get_nowait()
+            except queue.Empty:
+                return
+            model, request = work[index]
+            outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+            try:
+                result = client.infer(model, build_inputs(request, grpcclient), outputs=outputs)
+            except InferenceServerException:
+                continue
+            texts[index] = result.as_numpy("text_output").reshape(-1)[0].decode("utf-8", "replace")
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(concurrency, len(work)))]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall_s = time.perf_counter() - start
+    client.close()
+    return texts, wall_s
+
+
+def measure(
+    url: str,
+    scenario: str,
+    traffic: str,
+    adapters: Sequence[str],
+    prompts: Sequence[str],
+    *,
+    rounds: int,
+    max_tokens: int,
+    concurrency: int = CONCURRENCY,
+) -> Measurement:
+    """Request i uses adapter i mod N: through `generate`, then through `generate_merged_<id>`, in rounds
+    whose order alternates (dynamic first in even rounds). One warm-up round per path is not counted."""
+    requests = [
+        GenerateRequest(p, adapters[i % len(adapters)], max_tokens=max_tokens) for i, p in enumerate(prompts)
+    ]
+    dynamic_work = [("generate", r) for r in requests]
+    merged_work = [(f"generate_merged_{r.adapter_id}", r) for r in requests]
+    fire(url, dynamic_work, concurrency)
+    fire(url, merged_work, concurrency)
+    dynamic, merged, ratios = PathRun(), PathRun(), []
+    for round_index in range(rounds):
+        order = ((dynamic, dynamic_work), (merged, merged_work))
+        walls = {}
+        for run, work in order if round_index % 2 == 0 else order[::-1]:
+            texts, wall_s = fire(url, work, concurrency)
+            run.wall_s += wall_s
+            run.answered += sum(t is not None for t in texts)
+            run.failed += sum(t is None for t in texts)
+            run.texts = run.texts or texts
+            walls[id(run)] = wall_s / max(1, sum(t is not None for t in texts))
+        ratios.append(walls[id(merged)] / walls[id(dynamic)])
+    agreeing = sum(a is not None and a == b for a, b in zip(dynamic.texts, merged.texts, strict=True))
+    return Measurement(
+        scenario, traffic, tuple(adapters), len(prompts), rounds, dynamic, merged, ratios, agreeing
+    )
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Resident bytes of the bank's serving process and of every merged variant's process."""
+
+    bank: int | None
+    merged: dict[str, int | None]
+
+    @property
+    def ratio(self) -> float:
+        values = list(self.merged.values())
+        if self.bank is None or not values or any(v is None for v in values):
+            return math.nan
+        return self.bank / sum(values)  # type: ignore[arg-type]
+
+
+def resident_memory(adapters: Sequence[str]) -> Memory:
+    return Memory(
+        serving_process_rss("adapter_lm"), {a: serving_process_rss(f"merged_{a}") for a in adapters}
+    )
+
+
+@dataclass
+class Scenario:
+    name: str
+    model: str
+    adapters: tuple[str, ...]
+    memory: Memory
+    measurements: list[Measurement]
+    startup_s: float
+
+
+ADAPTER_LM_THREADS = 'parameters: { key: "num_threads" value: { string_value: "0" } }'
+
+
+def single_threaded_repository(target: Path) -> Path:
+    """A copy of the project's model repository whose adapter_lm runs one torch thread. The copy's model.py
+    files find backend_src through $MULTIADAPTER_BACKEND_SRC, set here for the servers this process starts."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(PROJECT_ROOT / "model_repository", target)
+    config = target / "adapter_lm" / "config.pbtxt"
+    text = config.read_text()
+    if ADAPTER_LM_THREADS not in text:
+        raise RuntimeError(f"{config}: no num_threads parameter to set")
+    config.write_text(text.replace(ADAPTER_LM_THREADS, ADAPTER_LM_THREADS.replace('"0"', '"1"')))
+    os.environ["MULTIADAPTER_BACKEND_SRC"] = str(PROJECT_ROOT / "backend_src")
+    return target
+
+
+def run_scenario(
+    name: str,
+    model: str,
+    base_model: Path,
+    adapter_dir: Path,
+    adapters: Sequence[str],
+    work_dir: Path,
+    *,
+    requests: int,
+    rounds: int,
+    max_tokens: int,
+    log,
+) -> Scenario:
+    """Build the merged variants, start one server with both paths, measure uniform and single traffic."""
+    from server.process import start_server
+    from tools.merge import build_variants
+
+    log(f"{name}: merged variants of {', '.join(adapters)}")
+    variants = build_variants(
+        adapters, base_model=base_model, adapter_dir=adapter_dir, out=work_dir / "merged", num_threads=1
+    )
+    log(f"{name}: starting tritonserver (bank + {len(variants)} merged variants)")
+    started = time.perf_counter()
+    server = start_server(
+        single_threaded_repository(work_dir / "model_repository"),
+        base_model,
+        adapter_dir,
+        extra_repositories=[v.repository for v in variants],
+        log_path=work_dir / f"tritonserver-{name}.log",
+        ready_timeout_s=900,
+    )
+    startup_s = time.perf_counter() - started
+    try:
+        prompts = random_prompts(requests, seed=7, max_len=16)
+        measurements = []
+        for traffic, chosen in (("uniform", tuple(adapters)), ("single", (adapters[0],))):
+            log(f"{name}: {traffic} traffic over {len(chosen)} adapter(s), {rounds} rounds of {requests}")
+            measurements.append(
+                measure(server.grpc_url, name, traffic, chosen, prompts, rounds=rounds, max_tokens=max_tokens)
+            )
+        memory = resident_memory(adapters)
+    finally:
+        server.stop()
+    return Scenario(name, model, tuple(adapters), memory, measurements, startup_s)
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f}"
+
+
+def to_markdown(scenarios: Sequence[Scenario], machine: dict[str, object]) -> str:
+    lines = [
+        "## Dynamic adapter bank vs merged-weight variants, through the real server",
+        "",
+        f"Machine: {machine.get('cpu_model', '?')}, {machine.get('usable_cores', '?')} usable cores, CPU, "
+        f"fp32, one torch thread per serving process. gRPC, concurrency {CONCURRENCY}, alternating rounds; "
+        "throughput is answered requests per second.",
+        "",
+        "| model | traffic | N | dynamic req/s | merged req/s | dynamic / merged | per-round ratios "
+        "| goal | met |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for scenario in scenarios:
+        n = len(scenario.adapters)
+        for m in scenario.measurements:
+            goal, met = "—", None
+            if m.traffic == "uniform" and n == 8:
+                goal, met = f">= {GOAL_THROUGHPUT_N8:.1f}", m.throughput_ratio >= GOAL_THROUGHPUT_N8
+            elif m.traffic == "single":
+                goal, met = f">= {GOAL_SINGLE:.2f}", m.throughput_ratio >= GOAL_SINGLE
+            spread = ", ".join(f"{r:.2f}" for r in m.round_ratios)
+            lines.append(
+                f"| {scenario.model} | {m.traffic} | {len(m.adapters)} | {m.dynamic.throughput:.2f} | "
+                f"{m.merged.throughput:.2f} | **{m.throughput_ratio:.2f}** | {spread} | {goal} | "
+                f"{'—' if met is None else ('yes' if met else '**no**')} |"
+            )
+    lines += [
+        "",
+        "| model | N | bank process RSS MiB | merged processes RSS MiB (sum) | bank / merged | goal | met |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for scenario in scenarios:
+        memory, n = scenario.memory, len(scenario.adapters)
+        merged_sum = sum(v for v in memory.merged.values() if v is not None)
+        goal, met = ("<= 0.25", memory.ratio <= GOAL_MEMORY_N8) if n == 8 else ("—", None)
+        lines.append(
+            f"| {scenario.model} | {n} | {_mib(memory.bank)} | {_mib(merged_sum)} | **{memory.ratio:.2f}** | "
+            f"{goal} | {'—' if met is None else ('yes' if met else '**no**')} |"
+        )
+    lines.append("")
+    for scenario in scenarios:
+        for m in scenario.measurements:
+            lines.append(
+                f"- {scenario.model}, {m.traffic}: identical answers {m.agreeing} / {m.requests_per_round}; "
+                f"failed requests: dynamic {m.dynamic.failed}, merged {m.merged.failed}; "
+                f"server ready in {scenario.startup_s:.0f} s"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="demo scenario only, few requests (a smoke run)")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "build" / "bench", help="output directory")
+    parser.add_argument("--requests", type=int, default=96, help="requests per round (96)")
+    parser.add_argument("--rounds", type=int, default=8, help="measured rounds per path (8)")
+    args = parser.parse_args(argv)
+    requests, rounds = (16, 1) if args.quick else (args.requests, args.rounds)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:
+        print(f"[bench.serving] {message}", file=sys.stderr, flush=True)
+
+    scenarios = [
+        run_scenario(
+            "demo",
+            "demo (3 layers, hidden 128)",
+            DEMO / "base",
+            DEMO / "adapters",
+            DEMO_ADAPTERS,
+            args.out / "serving-demo",
+            requests=requests,
+            rounds=rounds,
+            max_tokens=32,
+            log=log,
+        )
+    ]
+    if not args.quick:
+        log("bench model: building or reusing the fixture")
+        fixture, _ = build_fixture(BENCH_SPEC, args.out / "model-full")
+        scenarios.append(
+            run_scenario(
+                "bench",
+                f"bench ({BENCH_SPEC.layers} layers, hidden {BENCH_SPEC.hidden})",
+                fixture.base_model,
+                fixture.adapter_dir,
+                BENCH_SPEC.adapter_ids(),
+                args.out / "serving-bench",
+                requests=requests,
+                rounds=rounds,
+                max_tokens=16,
+                log=log,
+            )
+        )
+    machine = machine_info()
+    markdown = to_markdown(scenarios, machine)
+    (args.out / "serving.md").write_text(markdown)
+    payload = {
+        "machine": machine,
+        "scenarios": [
+            {
+                "name": s.name,
+                "model": s.model,
+                "adapters": s.adapters,
+                "startup_s": s.startup_s,
+                "memory": asdict(s.memory),
+                "memory_ratio": s.memory.ratio,
+                "measurements": [
+                    {
+                        "traffic": m.traffic,
+                        "adapters": m.adapters,
+                        "throughput_ratio": m.throughput_ratio,
+                        "round_ratios": m.round_ratios,
+                        "median_round_ratio": statistics.median(m.round_ratios),
+                        "dynamic_req_s": m.dynamic.throughput,
+                        "merged_req_s": m.merged.throughput,
+                        "agreeing": m.agreeing,
+                        "requests_per_round": m.requests_per_round,
+                        "failed": {"dynamic": m.dynamic.failed, "merged": m.merged.failed},
+                    }
+                    for m in s.measurements
+                ],
+            }
+            for s in scenarios
+        ],
+    }
+    (args.out / "serving.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.write(markdown)
+    failed = any(m.dynamic.failed or m.merged.failed for s in scenarios for m in s.measurements)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
