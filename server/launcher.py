@@ -243,15 +243,20 @@ def _forwarding_signals() -> Iterator[_SignalForwarder]:
             signal.signal(signum, handler)
 
 
-def with_merged_variants(config: ServerConfig, merged: Sequence[str]) -> ServerConfig:
-    """``config`` serving the merged variants of ``merged`` too, built (tools.merge) where missing."""
+def with_merged_variants(
+    config: ServerConfig, merged: Sequence[str], out: Path | None = None
+) -> ServerConfig:
+    """``config`` serving the merged variants of ``merged`` too, built (tools.merge, under ``out``, default
+    build/merged) where missing."""
     if not merged:
         return config
-    from tools.merge import build_variants
+    from tools.merge import DEFAULT_OUT, build_variants
 
     if config.base_model is None or config.adapter_dir is None:
         raise LaunchError("--merged needs --base-model and --adapter-dir (the adapters to merge)")
-    variants = build_variants(merged, base_model=config.base_model, adapter_dir=config.adapter_dir)
+    variants = build_variants(
+        merged, base_model=config.base_model, adapter_dir=config.adapter_dir, out=out or DEFAULT_OUT
+    )
     return replace(config, extra_repositories=(*config.extra_repositories, *(v.repository for v in variants)))
 
 

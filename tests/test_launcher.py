@@ -512,3 +512,18 @@ def test_merged_without_adapters_stops_before_launching(
     status = main(["--merged", "upper", "--model-repository", str(tmp_path)], {})
     assert status == 2
     assert "--merged needs --base-model and --adapter-dir" in capsys.readouterr().err
+
+
+def test_merged_variants_are_built_and_added_as_repositories(tiny_model, tmp_path: Path) -> None:
+    from server.launcher import with_merged_variants
+
+    adapter_id = tiny_model.adapter_ids[0]
+    config = make_config(tmp_path, base_model=tiny_model.base_model, adapter_dir=tiny_model.adapter_dir)
+    served = with_merged_variants(config, (adapter_id,), out=tmp_path / "merged")
+    repository = tmp_path / "merged" / adapter_id / "repository"
+    assert served.extra_repositories == (repository,)
+    assert sorted(p.name for p in repository.iterdir()) == [
+        f"generate_merged_{adapter_id}",
+        f"merged_{adapter_id}",
+    ]
+    assert with_merged_variants(config, ()) is config
