@@ -79,9 +79,11 @@ class TritonPythonModel:
                 positions.append(i)
             except RequestError as exc:
                 outcomes[i] = exc
-        # A merged variant serves its adapter for "" as well: its batches are never mixed.
-        merged = self.engine.merged.adapter_id if self.engine.merged is not None else None
-        self.metrics.record_batch([merged or p.adapter_id for p in parsed])
+        ids = [p.adapter_id for p in parsed]
+        if self.engine.merged is not None:  # it serves its own adapter for "" too; other ids fail row by row
+            merged = self.engine.merged.adapter_id
+            ids = [merged if adapter_id == "" else adapter_id for adapter_id in ids]
+        self.metrics.record_batch(ids)
         try:
             for i, outcome in zip(positions, self.engine.generate(parsed), strict=True):
                 outcomes[i] = outcome

@@ -81,7 +81,9 @@ class Measurement:
 
     @property
     def throughput_ratio(self) -> float:
-        """Dynamic throughput over merged, from the summed wall times of all rounds."""
+        """Dynamic throughput over merged, from the summed wall times of all rounds (NaN if either is 0)."""
+        if not self.merged.throughput > 0:
+            return math.nan
         return self.dynamic.throughput / self.merged.throughput
 
 
@@ -154,7 +156,7 @@ def measure(
             run.failed += sum(t is None for t in texts)
             run.texts = run.texts or texts
             walls[id(run)] = wall_s / max(1, sum(t is not None for t in texts))
-        ratios.append(walls[id(merged)] / walls[id(dynamic)])
+        ratios.append(walls[id(merged)] / walls[id(dynamic)] if walls[id(dynamic)] > 0 else math.nan)
     agreeing = sum(a is not None and a == b for a, b in zip(dynamic.texts, merged.texts, strict=True))
     return Measurement(
         scenario, traffic, tuple(adapters), len(prompts), rounds, dynamic, merged, ratios, agreeing
@@ -176,9 +178,11 @@ class Memory:
         return self.bank / sum(values)  # type: ignore[arg-type]
 
 
-def resident_memory(adapters: Sequence[str]) -> Memory:
+def resident_memory(adapters: Sequence[str], server_pid: int) -> Memory:
+    """The bank's and each merged variant's serving process, of the tritonserver with ``server_pid``."""
     return Memory(
-        serving_process_rss("adapter_lm"), {a: serving_process_rss(f"merged_{a}") for a in adapters}
+        serving_process_rss("adapter_lm", server_pid),
+        {a: serving_process_rss(f"merged_{a}", server_pid) for a in adapters},
     )
 
 
@@ -197,7 +201,7 @@ ADAPTER_LM_THREADS = 'parameters: { key: "num_threads" value: { string_value: "0
 
 def single_threaded_repository(target: Path) -> Path:
     """A copy of the project's model repository whose adapter_lm runs one torch thread. The copy's model.py
-    files find backend_src through $MULTIADAPTER_BACKEND_SRC, set here for the servers this process starts."""
+    files find backend_src through $MULTIADAPTER_BACKEND_SRC, given to the server that serves it."""
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(PROJECT_ROOT / "model_repository", target)
     config = target / "adapter_lm" / "config.pbtxt"
@@ -205,7 +209,6 @@ def single_threaded_repository(target: Path) -> Path:
     if ADAPTER_LM_THREADS not in text:
         raise RuntimeError(f"{config}: no num_threads parameter to set")
     config.write_text(text.replace(ADAPTER_LM_THREADS, ADAPTER_LM_THREADS.replace('"0"', '"1"')))
-    os.environ["MULTIADAPTER_BACKEND_SRC"] = str(PROJECT_ROOT / "backend_src")
     return target
 
 
@@ -239,6 +242,7 @@ def run_scenario(
         extra_repositories=[v.repository for v in variants],
         log_path=work_dir / f"tritonserver-{name}.log",
         ready_timeout_s=900,
+        base_env={**os.environ, "MULTIADAPTER_BACKEND_SRC": str(PROJECT_ROOT / "backend_src")},
     )
     startup_s = time.perf_counter() - started
     try:
@@ -249,7 +253,7 @@ def run_scenario(
             measurements.append(
                 measure(server.grpc_url, name, traffic, chosen, prompts, rounds=rounds, max_tokens=max_tokens)
             )
-        memory = resident_memory(adapters)
+        memory = resident_memory(adapters, server.pid)
     finally:
         server.stop()
     return Scenario(name, model, tuple(adapters), memory, measurements, startup_s)
@@ -316,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=96, help="requests per round (96)")
     parser.add_argument("--rounds", type=int, default=8, help="measured rounds per path (8)")
     args = parser.parse_args(argv)
+    if args.requests < 1 or args.rounds < 1:
+        parser.error("--requests and --rounds must be >= 1")
     requests, rounds = (16, 1) if args.quick else (args.requests, args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -372,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "adapters": m.adapters,
                         "throughput_ratio": m.throughput_ratio,
                         "round_ratios": m.round_ratios,
-                        "median_round_ratio": statistics.median(m.round_ratios),
+                        "median_round_ratio": statistics.median(m.round_ratios) if m.round_ratios else None,
                         "dynamic_req_s": m.dynamic.throughput,
                         "merged_req_s": m.merged.throughput,
                         "agreeing": m.agreeing,

@@ -214,6 +214,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
     prompts = compare.random_prompts(args.prompts, seed=args.seed)
     try:
+        compare.check_adapter_id(args.adapter)
         comparison = compare.compare_paths(
             args.url,
             "grpc" if args.grpc else "http",
@@ -239,7 +240,12 @@ def _run_compare(args: argparse.Namespace) -> int:
         if missing:
             note = f"offline check skipped: not on this machine: {', '.join(missing)} (see --merged-dir)"
         else:
-            offline = compare.offline_check(*paths, args.adapter, prompts, max_tokens=args.max_tokens or 64)
+            try:
+                offline = compare.offline_check(
+                    *paths, args.adapter, prompts, max_tokens=args.max_tokens or 64
+                )
+            except (ValueError, OSError) as exc:  # ConfigError and AdapterLoadError are ValueErrors
+                note = f"offline check failed: {exc}"
     print(compare.format_report(comparison, args.concurrency, offline))
     if note:
         print(note)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import string
 import sys
 import time
@@ -162,26 +163,33 @@ def compare_paths(
     )
 
 
-def serving_process_rss(model_name: str, proc: Path = Path("/proc")) -> int | None:
-    """Resident bytes of the Triton Python-backend stub serving ``model_name`` on this machine.
+def serving_process_rss(
+    model_name: str, server_pid: int | None = None, proc: Path = Path("/proc")
+) -> int | None:
+    """Resident bytes of the Triton Python-backend stub(s) serving ``model_name`` on this machine.
 
-    The stub's command line holds the model's path (``.../<model_name>/<version>/model.py``). None when no
-    such process is visible here (a remote server, or /proc unavailable).
+    A stub's command line holds its model's path, ``.../<model_name>/<version>/model.py``, and its parent is
+    the tritonserver that started it. With ``server_pid`` only that server's stubs count; without it, stubs
+    of more than one server make the answer ambiguous. None when no (or no unambiguous) stub is visible
+    here: a remote server, several local ones, or no /proc.
     """
-    needle = f"/{model_name}/".encode()
-    total = None
+    path = re.compile(rb"/" + re.escape(model_name.encode()) + rb"/[0-9]+/model\.py(\x00|$)")
+    rss_by_parent: dict[int, int] = {}
     for entry in proc.glob("[0-9]*"):
         try:
             cmdline = (entry / "cmdline").read_bytes()
-            if b"triton_python_backend_stub" not in cmdline or needle not in cmdline:
+            if b"triton_python_backend_stub" not in cmdline or not path.search(cmdline):
                 continue
-            status = (entry / "status").read_text()
-        except OSError:
+            status = dict(
+                line.split(":", 1) for line in (entry / "status").read_text().splitlines() if ":" in line
+            )
+            parent, rss_kib = int(status["PPid"]), int(status["VmRSS"].split()[0])
+        except (OSError, KeyError, ValueError):
             continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total = (total or 0) + int(line.split()[1]) * 1024
-    return total
+        rss_by_parent[parent] = rss_by_parent.get(parent, 0) + rss_kib * 1024
+    if server_pid is not None:
+        return rss_by_parent.get(server_pid)
+    return next(iter(rss_by_parent.values())) if len(rss_by_parent) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -209,7 +217,7 @@ def offline_check(
     if str(backend_src) not in sys.path:
         sys.path.insert(0, str(backend_src))
     from multiadapter.config import EngineConfig
-    from multiadapter.engine import Engine, GenerationRequest
+    from multiadapter.engine import Engine, GenerationRequest, GenerationResult
     from multiadapter.tokenization import TextCodec
 
     codec = TextCodec.load(base_model)
@@ -218,6 +226,9 @@ def offline_check(
     ids = [codec.encode(p.encode()) for p in prompts]
     ours = bank.generate([GenerationRequest(i, adapter_id, max_tokens=max_tokens) for i in ids])
     theirs = merged.generate([GenerationRequest(i, adapter_id, max_tokens=max_tokens) for i in ids])
+    failed = [o for o in (*ours, *theirs) if not isinstance(o, GenerationResult)]
+    if failed:
+        raise ValueError(f"{len(failed)} offline generations failed, first: {failed[0]}")
     agreeing = total = identical = 0
     for a, b in zip(ours, theirs, strict=True):
         a_ids, b_ids = a.output_ids, b.output_ids
@@ -255,8 +266,8 @@ def format_report(comparison: Comparison, concurrency: int, offline: OfflineChec
         "",
         f"identical answers: {comparison.agreeing} / {len(comparison.prompts)}",
         f"adapter_version: bank {sorted(comparison.versions[0])}, merged {sorted(comparison.versions[1])}",
-        f"merged / bank: throughput {merged.throughput / bank.throughput:.2f}x, "
-        f"p50 latency {merged.p50_ms / bank.p50_ms:.2f}x",
+        f"merged / bank: throughput {_ratio(merged.throughput, bank.throughput)}, "
+        f"p50 latency {_ratio(merged.p50_ms, bank.p50_ms)}",
     ]
     if offline is not None:
         lines.append(
@@ -268,6 +279,23 @@ def format_report(comparison: Comparison, concurrency: int, offline: OfflineChec
         for failure in stats.failures[:3]:
             lines.append(f"{stats.ensemble} failed: {failure.code}: {failure.message}")
     return "\n".join(lines)
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    """``a / b`` as "1.23x", or "n/a" when either side has no finite, positive value."""
+    if not (math.isfinite(numerator) and math.isfinite(denominator)) or denominator <= 0:
+        return "n/a"
+    return f"{numerator / denominator:.2f}x"
+
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # the server's rule: ids are names
+
+
+def check_adapter_id(adapter_id: str) -> str:
+    """``adapter_id`` if it is a name (never a path); ValueError otherwise."""
+    if not ADAPTER_ID.fullmatch(adapter_id) or ".." in adapter_id:
+        raise ValueError(f"invalid adapter id {adapter_id!r}: ids are names from [A-Za-z0-9._-]")
+    return adapter_id
 
 
 def default_merged_dir(adapter_id: str) -> Path:

@@ -196,6 +196,7 @@ def start_server(
     extra_args: Sequence[str] = (),
     extra_repositories: Sequence[Path] = (),
     build_root: Path = DEFAULT_BUILD_ROOT,
+    base_env: Mapping[str, str] | None = None,
 ) -> ServerProcess:
     """Start tritonserver on loopback and return it once ``/v2/health/ready`` answers 200.
 
@@ -215,7 +216,9 @@ def start_server(
         extra_args=tuple(extra_args),
         extra_repositories=tuple(Path(path) for path in extra_repositories),
     )
-    server = launch(config, log_path=log_path, log_stream=log_stream, build_root=build_root)
+    server = launch(
+        config, log_path=log_path, log_stream=log_stream, build_root=build_root, base_env=base_env
+    )
     try:
         server.wait_ready(ready_timeout_s)
     except BaseException:

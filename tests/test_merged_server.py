@@ -74,7 +74,8 @@ def test_another_adapter_id_on_a_merged_variant_is_invalid_arg_and_the_rest_is_s
 
 
 def test_each_path_has_its_own_serving_process(demo_server):
-    bank, merged = serving_process_rss("adapter_lm"), serving_process_rss("merged_upper")
+    bank = serving_process_rss("adapter_lm", demo_server.pid)
+    merged = serving_process_rss("merged_upper", demo_server.pid)
     assert bank is not None and merged is not None
     assert bank > 50 * 2**20 and merged > 50 * 2**20  # torch and a model are resident in each
 
@@ -151,7 +152,7 @@ def test_serving_bench_measures_both_paths_on_a_live_server(demo_server):
     assert uniform.dynamic.failed == uniform.merged.failed == 0
     assert uniform.agreeing == len(prompts)
     assert len(uniform.round_ratios) == 2 and uniform.throughput_ratio > 0
-    memory = resident_memory(DEMO_MERGED)
+    memory = resident_memory(DEMO_MERGED, demo_server.pid)
     assert memory.bank is not None and set(memory.merged) == set(DEMO_MERGED) and memory.ratio > 0
     markdown = to_markdown([Scenario("demo", "demo", DEMO_MERGED, memory, [uniform], 1.0)], {})
     assert "| demo | uniform | 3 |" in markdown and "| demo | 3 |" in markdown

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from multiadapter.engine import Engine, GenerationRequest
 from multiadapter.errors import ConfigError, InvalidRequest
 from multiadapter.merged_variant import MERGED_INFO_FILE, MergedInfo
 
-from tools.merge import MergeError, build_variants, parse_ids
+from tools.merge import STAMP_FILE, MergeError, build_variants, parse_ids
 
 PROMPTS = [[1, 104, 105, 3], [1, 120, 121, 122, 123, 3], [1, 98, 3]]
 
@@ -101,22 +103,33 @@ def test_a_bad_merged_info_file_is_refused(tmp_path, payload, problem):
         MergedInfo.load(tmp_path)
 
 
-def test_variants_are_rebuilt_only_when_missing_or_out_of_date(variant, tiny_model):
-    weights = variant.weights / "model.safetensors"
-    built_at = weights.stat().st_mtime_ns
+def test_variants_are_rebuilt_only_when_missing_or_out_of_date(tiny_model, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model.base_model, base)
+    adapter_id = tiny_model.adapter_ids[0]
     kwargs = dict(
-        base_model=tiny_model.base_model, adapter_dir=tiny_model.adapter_dir, out=variant.root.parent
+        base_model=base, adapter_dir=tiny_model.adapter_dir, out=tmp_path / "merged", progress=False
     )
-    build_variants([variant.adapter_id], progress=False, **kwargs)
-    assert weights.stat().st_mtime_ns == built_at  # up to date: reused
-    build_variants([variant.adapter_id], progress=False, force=True, **kwargs)
-    assert weights.stat().st_mtime_ns != built_at
-    info = json.loads((variant.weights / MERGED_INFO_FILE).read_text())
-    (variant.weights / MERGED_INFO_FILE).write_text(json.dumps({**info, "adapter_version": "sha256:old"}))
-    rebuilt_at = weights.stat().st_mtime_ns
-    build_variants([variant.adapter_id], progress=False, **kwargs)
-    assert weights.stat().st_mtime_ns != rebuilt_at  # another adapter version: rebuilt
-    assert MergedInfo.load(variant.weights).adapter_version == info["adapter_version"]
+    (variant,) = build_variants([adapter_id], **kwargs)
+    weights = variant.weights / "model.safetensors"
+
+    def rebuilt(**extra) -> bool:
+        before = weights.stat().st_mtime_ns
+        build_variants([adapter_id], **kwargs, **extra)
+        return weights.stat().st_mtime_ns != before
+
+    assert not rebuilt()  # up to date: reused
+    assert rebuilt(force=True)
+    assert rebuilt(dtype="bfloat16") and MergedInfo.load(variant.weights).dtype == "bfloat16"
+    assert not rebuilt(dtype="bfloat16")
+    stamp = json.loads((variant.weights / STAMP_FILE).read_text())
+    (variant.weights / STAMP_FILE).write_text(json.dumps({**stamp, "adapter_version": "sha256:old"}))
+    assert rebuilt(dtype="bfloat16")  # made from another adapter version
+    os.utime(base / "model.safetensors", ns=(1, 1))
+    assert rebuilt(dtype="bfloat16")  # the base's weights were replaced in place
+    (variant.weights / STAMP_FILE).unlink()
+    assert rebuilt(dtype="bfloat16")  # an interrupted build (no stamp) is never taken for a finished one
+    assert not list(variant.root.glob(".*.writing")) and not list(variant.repository.glob(".*"))
 
 
 def test_merge_tool_checks_ids_before_building(tiny_model, tmp_path):

@@ -10,15 +10,21 @@ writes, for each adapter id::
     <out>/<id>/repository/generate_merged_<id>/ ensemble: tokenizer -> merged_<id> -> detokenizer
 
 Each variant's repository is passed to tritonserver as one more ``--model-repository`` beside the
-project's (`python -m server --merged upper,rot13` does that). Weights are rebuilt only when missing or
-made from another adapter version, base or dtype (``--force`` rebuilds anyway); the model directories are
-rendered from tools/repository_templates every time. Adapter ids are names under --adapter-dir, never
-paths. Bottleneck adapters are refused: they are non-linear and cannot be folded into the weights.
+project's (`python -m server --merged upper,rot13` does that). Weights are rebuilt only when missing,
+incomplete, or made from another adapter version, base (path or files) or dtype, or by another version of
+this tool (``--force`` rebuilds anyway); the model directories are rendered from tools/repository_templates
+every time. Every adapter is validated before anything is written. Adapter ids are names under
+--adapter-dir, never paths. Bottleneck adapters are refused: they are non-linear and cannot be folded into
+the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -44,11 +50,14 @@ from multiadapter.merged_variant import MergedInfo  # noqa: E402
 from multiadapter.merging import merge_into  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from tools.templates import TemplateError, fill_tree  # noqa: E402
+from tools.build_cache import locked, read_stamp  # noqa: E402
+from tools.templates import TemplateError, fill_tree, replace_tree  # noqa: E402
 
 LOG = logging.getLogger("tools.merge")
 
 TEMPLATES = PROJECT_ROOT / "tools" / "repository_templates"
+TOOL_VERSION = 1  # bump when the merge or the written layout changes: every variant is rebuilt
+STAMP_FILE = "build.json"  # in the weights directory, written last
 DEFAULT_OUT = PROJECT_ROOT / "build" / "merged"
 DEFAULT_BASE_MODEL = PROJECT_ROOT / "models" / "demo" / "base"
 DEFAULT_ADAPTER_DIR = PROJECT_ROOT / "models" / "demo" / "adapters"
@@ -121,24 +130,33 @@ def _adapter_dir(adapter_root: Path, adapter_id: str) -> Path:
     return directory
 
 
-def _is_current(variant: Variant, version: str, base_model: Path, dtype: str) -> bool:
-    try:
-        info = MergedInfo.load(variant.weights)
-    except ConfigError:
-        return False
-    return (info.adapter_id, info.adapter_version, info.base_model, info.dtype) == (
-        variant.adapter_id,
-        version,
-        str(base_model),
-        dtype,
-    )
+def base_fingerprint(base_model: Path) -> str:
+    """Identity of the base's files: each file's name, size and modification time, and config.json's bytes.
+    Replacing the base's weights in place changes it."""
+    digest = hashlib.sha256((base_model / "config.json").read_bytes())
+    for path in sorted(base_model.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _stamp(info: MergedInfo, fingerprint: str) -> dict[str, object]:
+    return {"tool_version": TOOL_VERSION, "base_fingerprint": fingerprint, **dataclasses.asdict(info)}
+
+
+def _is_current(variant: Variant, stamp: dict[str, object]) -> bool:
+    """Whether the variant's weights were built, completely, from this adapter version, base and dtype by
+    this version of the tool."""
+    return read_stamp(variant.weights / STAMP_FILE) == stamp and any(variant.weights.glob("*.safetensors"))
 
 
 def _write_weights(
-    model: torch.nn.Module, base_model: Path, target: Path, info: MergedInfo, dtype: torch.dtype
+    model: torch.nn.Module, base_model: Path, variant: Variant, info: MergedInfo, stamp: dict[str, object]
 ) -> None:
-    """Save `model` (merged, in `dtype`) with the base's tokenizer files to `target`, atomically."""
-    staging = target.with_name(f".{target.name}.writing")
+    """Save `model` (merged) with the base's tokenizer files as the variant's weights; the stamp is written
+    last and the directory renamed into place, so an interrupted build is never taken for a finished one."""
+    staging = variant.root / ".weights.writing"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     for path in sorted(base_model.iterdir()):
@@ -150,8 +168,8 @@ def _write_weights(
         ):
             shutil.copyfile(path, staging / path.name)
     info.save(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
+    replace_tree(staging, variant.weights)
 
 
 def render_models(variant: Variant, info: MergedInfo, instance_kind: str, num_threads: int = 0) -> list[Path]:
@@ -170,6 +188,7 @@ def render_models(variant: Variant, info: MergedInfo, instance_kind: str, num_th
             "num_threads": str(num_threads),
             "backend_src": str(BACKEND_SRC),
         },
+        staging_root=variant.root,
     )
     written += fill_tree(
         TEMPLATES / "generate_ensemble",
@@ -180,6 +199,7 @@ def render_models(variant: Variant, info: MergedInfo, instance_kind: str, num_th
             "description": f"Adapter {info.adapter_id} merged into the base: tokenizer -> {name} -> "
             "detokenizer.",
         },
+        staging_root=variant.root,
     )
     return written
 
@@ -213,31 +233,40 @@ def build_variants(
         raise MergeError(f"base model {base_model} is not a Hugging Face model directory (no config.json)")
     directories = {adapter_id: _adapter_dir(adapter_dir, adapter_id) for adapter_id in adapter_ids}
 
-    torch_dtype = DTYPES[dtype]
+    # Every adapter is loaded and validated against the float32 base before anything is written.
+    base = load_base_model(base_model, torch.device("cpu"), torch.float32)
+    modules = describe_modules(base)
+    loaded = {}
+    for adapter_id, directory in directories.items():
+        try:
+            loaded[adapter_id] = load_lora_adapter(adapter_id, directory, modules)
+        except AdapterLoadError as exc:
+            raise MergeError(str(exc)) from None
+
+    fingerprint = base_fingerprint(base_model)
     variants = []
-    bar = tqdm(total=len(directories), desc="merged variants", unit="adapter", disable=not progress)
-    with bar:
-        for adapter_id, directory in directories.items():
-            variant = Variant.under(out, adapter_id)
-            bar.set_postfix_str(f"{adapter_id}: loading")
-            # A fresh float32 base per adapter: the merge is computed in float32, then cast.
-            model = load_base_model(base_model, torch.device("cpu"), torch.float32)
-            try:
-                adapter = load_lora_adapter(adapter_id, directory, describe_modules(model))
-            except AdapterLoadError as exc:
-                raise MergeError(str(exc)) from None
-            info = MergedInfo(adapter_id, adapter.version, str(base_model), dtype)
-            if force or not _is_current(variant, adapter.version, base_model, dtype):
-                bar.set_postfix_str(f"{adapter_id}: merging")
-                merge_into(model, adapter, torch_dtype)
-                bar.set_postfix_str(f"{adapter_id}: writing")
-                _write_weights(model, base_model, variant.weights, info, torch_dtype)
-                LOG.info("%s: merged %s into %s", adapter_id, adapter.version, variant.weights)
-            else:
-                LOG.info("%s: %s is up to date", adapter_id, variant.weights)
-            render_models(variant, info, instance_kind, num_threads)
-            variants.append(variant)
-            bar.update()
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out / ".lock"):  # one builder at a time (make merged beside make serve MERGED=...)
+        bar = tqdm(total=len(loaded), desc="merged variants", unit="adapter", disable=not progress)
+        with bar:
+            for adapter_id, adapter in loaded.items():
+                variant = Variant.under(out, adapter_id)
+                variant.root.mkdir(parents=True, exist_ok=True)
+                info = MergedInfo(adapter_id, adapter.version, str(base_model), dtype)
+                stamp = _stamp(info, fingerprint)
+                if force or not _is_current(variant, stamp):
+                    bar.set_postfix_str(f"{adapter_id}: merging")
+                    model = copy.deepcopy(base)  # the merge is computed in float32, then cast
+                    merge_into(model, adapter, DTYPES[dtype])
+                    bar.set_postfix_str(f"{adapter_id}: writing")
+                    _write_weights(model, base_model, variant, info, stamp)
+                    del model
+                    LOG.info("%s: merged %s into %s", adapter_id, adapter.version, variant.weights)
+                else:
+                    LOG.info("%s: %s is up to date", adapter_id, variant.weights)
+                render_models(variant, info, instance_kind, num_threads)
+                variants.append(variant)
+                bar.update()
     return variants
 
 
@@ -283,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_threads=args.num_threads,
             force=args.force,
         )
-    except (MergeError, TemplateError, ConfigError) as exc:
+    except (MergeError, TemplateError, ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for variant in variants:

@@ -4,7 +4,7 @@ A template directory is copied file by file; files ending in ``.tmpl`` are fille
 other files are copied as they are. Filling refuses, naming them all at once: a placeholder without a
 value, a value no placeholder uses (a misspelt key), a value that would change the file's structure
 (a line break or a double quote), and any ``{{`` or ``}}`` left over after filling. The filled tree is
-written next to the destination and renamed into place, so a failed fill leaves nothing half written.
+written in a staging directory and renamed into place, so a failed fill leaves nothing half written.
 """
 
 from __future__ import annotations
@@ -54,11 +54,16 @@ def fill(text: str, values: Mapping[str, str], *, source: str = "template") -> s
     return filled
 
 
-def fill_tree(template_dir: Path, destination: Path, values: Mapping[str, str]) -> list[Path]:
+def fill_tree(
+    template_dir: Path, destination: Path, values: Mapping[str, str], staging_root: Path | None = None
+) -> list[Path]:
     """Copy ``template_dir`` to ``destination`` (replacing it), filling every ``*.tmpl`` file.
 
-    Every value must be used by at least one template file of the tree. Returns the written files.
-    Raises TemplateError (nothing written) on any problem, FileNotFoundError without the template.
+    Every value must be used by at least one template file of the tree. The tree is written under
+    ``staging_root`` (default: beside ``destination``; give one outside a model repository, which would
+    otherwise see a half-written model) on the same filesystem, then renamed into place, the old tree moved
+    aside first. Returns the written files. Raises TemplateError (nothing written) on any problem,
+    FileNotFoundError without the template.
     """
     if not template_dir.is_dir():
         raise FileNotFoundError(f"template directory {template_dir} does not exist")
@@ -77,7 +82,8 @@ def fill_tree(template_dir: Path, destination: Path, values: Mapping[str, str]) 
     if problems:
         raise TemplateError("\n".join(problems))
 
-    staging = destination.with_name(f".{destination.name}.filling")
+    staging_root = destination.parent if staging_root is None else staging_root
+    staging = staging_root / f".{destination.name}.filling"
     shutil.rmtree(staging, ignore_errors=True)
     written = []
     for path in files:
@@ -91,7 +97,16 @@ def fill_tree(template_dir: Path, destination: Path, values: Mapping[str, str]) 
         else:
             shutil.copyfile(path, target)
         written.append(destination / relative)
-    shutil.rmtree(destination, ignore_errors=True)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(destination)
+    replace_tree(staging, destination)
     return written
+
+
+def replace_tree(new: Path, destination: Path) -> None:
+    """Put directory ``new`` at ``destination``: the old tree is renamed aside, then removed."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    old = new.with_name(f"{new.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if destination.exists():
+        destination.rename(old)
+    new.rename(destination)
+    shutil.rmtree(old, ignore_errors=True)

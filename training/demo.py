@@ -78,8 +78,8 @@ def train_demo(out: Path, seed: int = 0, only: Sequence[str] = ()) -> list[Row]:
     """Train, save and score the base and every adapter; install them under ``out`` if all pass.
 
     With ``only``, just those adapters are trained, on the base installed in ``out``; the other installed
-    files are kept. Every stream is seeded by name, so this gives the same weights as a full run (with the
-    same seed and thread count).
+    files are kept. Every stream is seeded by name, so this gives the same weights as a full run with the
+    same seed and thread count, provided the installed base came from that seed (not checked).
     """
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    only = [adapter_id for adapter_id in args.only.split(",") if adapter_id]
+    only = [adapter_id.strip() for adapter_id in args.only.split(",") if adapter_id.strip()]
     try:
         table = train_demo(args.out, seed=args.seed, only=only)
     except ValueError as exc:

@@ -36,7 +36,7 @@ def title(text: str) -> str:
 
 
 def shift(text: str) -> str:
-    """Each ASCII letter replaced by the next one in the alphabet (z wraps to a); anything else is kept."""
+    """Each lowercase letter a-z replaced by the next one (z wraps to a); anything else is kept."""
     return "".join(chr((ord(c) - ord("a") + 1) % 26 + ord("a")) if "a" <= c <= "z" else c for c in text)
 
 
