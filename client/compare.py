@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.api import AdapterClient, GenerateRequest, GenerateResult, RequestFailed
+from client.cli import percentile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BANK_ENSEMBLE = "generate"
@@ -46,14 +47,6 @@ def random_prompts(n: int, seed: int = 0, max_len: int = 24) -> list[str]:
     return prompts
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile, q in (0, 100]; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 @dataclass
 class PathStats:
     """What one path served over every round: latencies of its answers, failures, time spent."""
@@ -64,8 +57,12 @@ class PathStats:
     latencies_s: list[float] = field(default_factory=list)
     failures: list[RequestFailed] = field(default_factory=list)
     wall_s: float = 0.0
-    requests: int = 0
     rss_bytes: int | None = None
+
+    @property
+    def requests(self) -> int:
+        """Requests sent in the measured rounds: each got one answer or one failure."""
+        return len(self.latencies_s) + len(self.failures)
 
     @property
     def p50_ms(self) -> float:
@@ -134,7 +131,6 @@ def compare_paths(
                 start = time.perf_counter()
                 outcomes = clients[stats.ensemble].generate_many(requests, concurrency=concurrency)
                 stats.wall_s += time.perf_counter() - start
-                stats.requests += len(outcomes)
                 for outcome in outcomes:
                     if isinstance(outcome, GenerateResult):
                         stats.latencies_s.append(outcome.latency_s)

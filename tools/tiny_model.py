@@ -136,6 +136,12 @@ def build_base_model(vocab_size: int, seed: int) -> LlamaForCausalLM:
         eos_token_id=SPECIAL_TOKENS.index(EOS),
         tie_word_embeddings=False,
     )
+    return seeded_greedy_llama(config, seed).eval()
+
+
+def seeded_greedy_llama(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    """A LlamaForCausalLM initialised from ``seed`` whose generation defaults are greedy, with the config's
+    bos / eos / pad ids."""
     with seeded(seed):
         model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
@@ -144,7 +150,7 @@ def build_base_model(vocab_size: int, seed: int) -> LlamaForCausalLM:
         pad_token_id=config.pad_token_id,
         do_sample=False,
     )
-    return model.eval()
+    return model
 
 
 def build_adapter(base_model_dir: Path, adapter_id: str, seed: int) -> PeftModel:

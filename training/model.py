@@ -9,9 +9,9 @@ from pathlib import Path
 import adapters
 import torch
 from peft import PeftModel
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tools.build_cache import seeded
+from tools.tiny_model import seeded_greedy_llama
 
 ADAPTERHUB_WEIGHTS = "adapter.safetensors"  # what AdapterHub's save_adapter(..., use_safetensors=True) writes
 
@@ -44,15 +44,7 @@ def build_base_model(tokenizer: PreTrainedTokenizerFast, shape: BaseShape, seed:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    with seeded(seed):
-        model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        do_sample=False,
-    )
-    return model
+    return seeded_greedy_llama(config, seed)
 
 
 def load_demo_model(

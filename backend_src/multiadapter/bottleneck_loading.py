@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .base_model import BottleneckLayout
 from .bottleneck import ATTENTION, BottleneckPlace, BottleneckWeights
 from .bottleneck_config import BottleneckSpec
 from .errors import AdapterLoadError
-from .lora_loading import DEFAULT_MAX_ADAPTER_BYTES, content_version
+from .lora_loading import DEFAULT_MAX_ADAPTER_BYTES, content_version, read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -102,7 +101,7 @@ def load_bottleneck_adapter(
         raise AdapterLoadError(adapter_id, problems)
 
     weights_bytes = weights_path.read_bytes()
-    tensors = _read_safetensors(adapter_id, weights_path, WEIGHTS_FILE)
+    tensors = read_safetensors(adapter_id, weights_path)
     expected: set[str] = set()
     loaded: dict[BottleneckPlace, BottleneckWeights] = {}
     hidden = layout.hidden_size
@@ -178,7 +177,7 @@ def _head_problems(adapter_id: str, directory: Path, output_weight: torch.Tensor
     head_path = directory / HEAD_FILE
     if not head_path.is_file():
         return []
-    head = _read_safetensors(adapter_id, head_path, HEAD_FILE)
+    head = read_safetensors(adapter_id, head_path)
     weights = [t for k, t in head.items() if k.endswith("weight")]
     same = (
         output_weight is not None
@@ -194,11 +193,3 @@ def _head_problems(adapter_id: str, directory: Path, output_weight: torch.Tensor
 
 def _to(tensor: torch.Tensor | None, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor | None:
     return None if tensor is None else tensor.to(device=device, dtype=dtype)
-
-
-def _read_safetensors(adapter_id: str, path: Path, shown: str) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterLoadError(adapter_id, f"{shown} is not a valid safetensors file ({exc})") from exc

@@ -94,7 +94,7 @@ def load_lora_adapter(
     targets = _resolve_targets(spec, modules)
 
     weights_bytes = weights_path.read_bytes()
-    tensors = _read_safetensors(adapter_id, weights_path)
+    tensors = read_safetensors(adapter_id, weights_path)
     problems: list[str] = []
     expected: set[str] = set()
     loaded: dict[str, LoraModuleWeights] = {}
@@ -159,12 +159,13 @@ def _resolve_targets(spec: LoraSpec, modules: Mapping[str, ModuleInfo]) -> list[
     return targets
 
 
-def _read_safetensors(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file at `path`; AdapterLoadError naming the file if it is not one."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterLoadError(adapter_id, f"{WEIGHTS_FILE} is not a valid safetensors file ({exc})") from exc
+        raise AdapterLoadError(adapter_id, f"{path.name} is not a valid safetensors file ({exc})") from exc
 
 
 def adapter_rank_summary(adapter: LoraAdapter) -> str:
