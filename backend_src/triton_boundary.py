@@ -94,6 +94,11 @@ def bytes_tensor(name: str, value: bytes | str) -> pb_utils.Tensor:
     return pb_utils.Tensor(name, np.array([[raw]], dtype=np.object_))
 
 
+def count_tensor(name: str, value: int) -> pb_utils.Tensor:
+    """A [1, 1] INT32 output."""
+    return pb_utils.Tensor(name, np.array([[value]], dtype=np.int32))
+
+
 def ids_tensor(name: str, ids: list[int]) -> pb_utils.Tensor:
     """A [1, n] INT32 output."""
     return pb_utils.Tensor(name, np.asarray(ids, dtype=np.int32).reshape(1, -1))

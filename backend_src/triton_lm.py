@@ -15,6 +15,7 @@ from multiadapter.errors import RequestError
 from triton_boundary import (
     ServingMetrics,
     bytes_tensor,
+    count_tensor,
     error_response,
     ids_tensor,
     instance_device,
@@ -101,6 +102,7 @@ class TritonPythonModel:
                 ids_tensor("output_ids", outcome.output_ids),
                 bytes_tensor("served_adapter_id", outcome.adapter_id),
                 bytes_tensor("adapter_version", outcome.adapter_version),
+                count_tensor("generated_tokens", len(outcome.output_ids)),
             ]
         )
 

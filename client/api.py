@@ -32,7 +32,7 @@ OPTIONAL_INPUTS = (
     ("top_k", "INT32"),
     ("seed", "INT64"),
 )
-OUTPUTS = ("text_output", "adapter_id", "adapter_version")
+OUTPUTS = ("text_output", "adapter_id", "adapter_version", "generated_tokens")
 
 # Triton's HTTP front end folds several core codes into one status: 2.51 answers 400 for INVALID_ARG,
 # UNKNOWN, ALREADY_EXISTS and CANCELLED alike, so over HTTP those all read as INVALID_ARG.
@@ -140,10 +140,14 @@ def _check_scalar(name: str, value: object, np_dtype: type) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class GenerateResult:
+    """One answer: its text, the adapter (id and content version) that served it, the latency seen by the
+    client, and how many tokens the model generated (a stopping EOS included; 0 if the server did not say)."""
+
     text: str
     adapter_id: str
     adapter_version: str
     latency_s: float
+    generated_tokens: int = 0
 
 
 def _as_bytes(value: str | bytes) -> bytes:
@@ -170,6 +174,13 @@ def build_inputs(request: GenerateRequest, module: ModuleType) -> list[Any]:
         infer_input.set_data_from_numpy(np.array([[value]], dtype=triton_to_np_dtype(triton_dtype)))
         inputs.append(infer_input)
     return inputs
+
+
+def _output_count(result: Any, name: str) -> int:
+    array = result.as_numpy(name)
+    if array is None or array.size != 1:
+        raise RequestFailed("INTERNAL", f"response has no single-element output '{name}'")
+    return int(array.reshape(-1)[0])
 
 
 def _output_text(result: Any, name: str) -> str:
@@ -324,6 +335,7 @@ class AdapterClient:
             adapter_id=_output_text(result, "adapter_id"),
             adapter_version=_output_text(result, "adapter_version"),
             latency_s=latency_s,
+            generated_tokens=_output_count(result, "generated_tokens"),
         )
 
     def generate_many(

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tests.conftest import DEMO, DEMO_TASKS
-from training.data import ALPHABET, MAX_LEN, MIN_LEN, evaluation_prompts, is_held_out
+from training.prompts import ALPHABET, MAX_LEN, MIN_LEN, evaluation_prompts, is_held_out
 from training.tasks import TASKS
 
 BYTE_OFFSET = 4  # <pad> <bos> <eos> <sep>, then one token per byte

@@ -42,6 +42,7 @@ def test_one_response_per_request_in_order_with_typed_errors(lm, tiny_model):
     assert responses[0].output("output_ids").shape[1] <= 3
     assert responses[0].output("served_adapter_id")[0, 0] == adapter.encode()
     assert responses[0].output("adapter_version")[0, 0].startswith(b"sha256:")
+    assert responses[0].output("generated_tokens")[0, 0] == responses[0].output("output_ids").shape[1]
     assert responses[1].error().code() == pb.TritonError.NOT_FOUND
     assert responses[2].error().code() == pb.TritonError.INVALID_ARG
     assert "exactly one element" in responses[2].error().message()

@@ -74,14 +74,21 @@ def test_the_committed_generate_ensemble_is_its_template_filled():
 
 
 def test_the_merged_token_model_has_the_contract_of_adapter_lm():
-    """Same inputs and outputs, line for line, as the bank's token model."""
+    """Same inputs and outputs, and the same batching and queue policy, line for line, as the bank's."""
 
     def contract(text: str) -> list[str]:
         lines = text.splitlines()
         start, output = lines.index("input ["), lines.index("output [")
         return lines[start : lines.index("]", output) + 1]
 
+    def batching(text: str) -> list[str]:
+        lines = text.splitlines()
+        start = lines.index("dynamic_batching {")
+        return lines[start : lines.index("}", start) + 1]
+
     template = (TEMPLATES / "merged_lm" / "config.pbtxt.tmpl").read_text()
     bank = (ROOT / "model_repository" / "adapter_lm" / "config.pbtxt").read_text()
     assert contract(template) == contract(bank)
-    assert len(contract(bank)) == 14  # 7 inputs and 3 outputs in their brackets
+    assert len(contract(bank)) == 15  # 7 inputs and 4 outputs in their brackets
+    assert batching(template) == batching(bank)
+    assert any("max_queue_size" in line for line in batching(bank))

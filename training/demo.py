@@ -34,9 +34,10 @@ from transformers import PreTrainedTokenizerFast
 from tools.build_cache import seeded
 from tools.tiny_model import build_tokenizer
 from training.adapter_training import save_trained_adapter, with_trainable_adapter
-from training.data import ALPHABET, MAX_LEN, MIN_LEN, evaluation_prompts, training_batches
+from training.data import training_batches
 from training.evaluate import Score, exact_match
 from training.model import build_base_model, load_demo_model
+from training.prompts import ALPHABET, MAX_LEN, MIN_LEN, evaluation_prompts
 from training.recipe import (
     ACCURACY_BAR,
     ADAPTER_STYLES,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from training.data import MAX_LEN
+from training.prompts import MAX_LEN
 
 
 @dataclass(frozen=True)

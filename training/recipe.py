@@ -13,8 +13,8 @@ import torch
 from adapters import AdapterConfig
 from peft import LoraConfig
 
-from training.data import CASED, PLAIN, REPETITIVE, PromptStyle
 from training.model import BaseShape
+from training.prompts import CASED, PLAIN, REPETITIVE, PromptStyle
 from training.train import Recipe
 
 ACCURACY_BAR = 0.99  # exact greedy answers on EVAL_PROMPTS held-out prompts, in every scored dtype
