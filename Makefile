@@ -17,6 +17,17 @@ METRICS_PORT ?= 8002
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 SERVING_BENCH_ARGS ?=
+# Load test (python -m loadtest; traffic options in LOADTEST_ARGS, e.g. LOADTEST_ARGS='--popularity zipf:1.2').
+HOST ?= 127.0.0.1
+USERS ?= 16
+SPAWN_RATE ?= 8
+DURATION ?= 60s
+PROTOCOL ?= both
+LOADTEST_ARGS ?=
+SOAK_DURATION ?= 10m
+BENCH_USERS ?= 8,32,64
+BENCH_DURATION ?= 60s
+LOAD_FLAGS = --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) $(LOADTEST_ARGS)
 
 # Without BASE_MODEL the committed demo model and its adapters are served; an explicit BASE_MODEL gets no
 # default adapters, since the demo ones would not fit it.
@@ -30,7 +41,8 @@ SERVE_ADAPTER_DIR := $(ADAPTER_DIR)
 SERVE_DEPS :=
 endif
 
-.PHONY: venv tiny-model demo-models serve merged test lint bench clean
+.PHONY: venv tiny-model demo-models serve merged test lint bench clean \
+	loadtest loadtest-local loadtest-ui soak loadtest-bench
 
 venv: $(VENV_STAMP)
 
@@ -75,6 +87,28 @@ lint: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	$(VENV_PY) -m bench $(BENCH_ARGS)
 	$(VENV_PY) -m bench.serving $(SERVING_BENCH_ARGS)
+
+# Locust against a running server (HOST, HTTP_PORT, GRPC_PORT); every answer checked; reports in build/loadtest/.
+loadtest: $(VENV_STAMP)
+	$(VENV_PY) -m loadtest run --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) $(LOAD_FLAGS)
+
+# The same against a demo server of its own, on free ports, stopped afterwards.
+loadtest-local: $(VENV_STAMP)
+	$(VENV_PY) -m loadtest local $(LOAD_FLAGS)
+
+# Locust's web UI on http://127.0.0.1:8089 against HOST.
+loadtest-ui: $(VENV_STAMP)
+	$(VENV_PY) -m loadtest ui --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) $(LOAD_FLAGS)
+
+# Mixed load on a demo server of its own for SOAK_DURATION, sampling its memory (not in make test).
+soak: $(VENV_STAMP)
+	$(VENV_PY) -m loadtest soak --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(SOAK_DURATION) \
+		--protocol $(PROTOCOL) $(LOADTEST_ARGS)
+
+# The load test at BENCH_USERS users, BENCH_DURATION each, on one demo server: table + plot (not in make test).
+loadtest-bench: $(VENV_STAMP)
+	$(VENV_PY) -m loadtest bench --users-list $(BENCH_USERS) --duration $(BENCH_DURATION) \
+		--protocol $(PROTOCOL) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

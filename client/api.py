@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import queue
 import threading
 import time
@@ -176,14 +177,35 @@ def build_inputs(request: GenerateRequest, module: ModuleType) -> list[Any]:
     return inputs
 
 
-def _output_count(result: Any, name: str) -> int:
+@contextlib.contextmanager
+def request_failures(url: str, protocol: str, timeout_s: float | None) -> Iterator[None]:
+    """Turn tritonclient and transport exceptions raised inside into `RequestFailed`: the one place where
+    either protocol's failures get their Triton-style code."""
+    try:
+        yield
+    except InferenceServerException as exc:
+        status = exc.status()
+        raise RequestFailed(error_code(status), exc.message() or str(exc), status) from exc
+    except TimeoutError as exc:
+        raise RequestFailed("DEADLINE_EXCEEDED", f"no answer from {url} in {timeout_s} s") from exc
+    except http.client.HTTPException as exc:  # e.g. the server closed the connection (it stopped)
+        raise RequestFailed(
+            "UNAVAILABLE", f"{protocol} server at {url} broke the connection: {exc!r}"
+        ) from exc
+    except OSError as exc:
+        raise RequestFailed("UNAVAILABLE", f"cannot reach {protocol} server at {url}: {exc}") from exc
+
+
+def output_count(result: Any, name: str) -> int:
+    """The one INT value of output ``name`` of an InferResult (either protocol)."""
     array = result.as_numpy(name)
     if array is None or array.size != 1:
         raise RequestFailed("INTERNAL", f"response has no single-element output '{name}'")
     return int(array.reshape(-1)[0])
 
 
-def _output_text(result: Any, name: str) -> str:
+def output_text(result: Any, name: str) -> str:
+    """The one UTF-8 BYTES value of output ``name`` of an InferResult (either protocol)."""
     array = result.as_numpy(name)
     if array is None or array.size != 1:
         raise RequestFailed("INTERNAL", f"response has no single-element output '{name}'")
@@ -302,40 +324,30 @@ class AdapterClient:
     def _grpc_timeout(self) -> dict[str, float]:
         return {"client_timeout": self.timeout_s} if self.protocol == "grpc" and self.timeout_s else {}
 
-    @contextlib.contextmanager
-    def _failures(self) -> Iterator[None]:
-        """Turn tritonclient and transport exceptions into `RequestFailed`."""
-        try:
-            yield
-        except InferenceServerException as exc:
-            status = exc.status()
-            raise RequestFailed(error_code(status), exc.message() or str(exc), status) from exc
-        except TimeoutError as exc:
-            raise RequestFailed(
-                "DEADLINE_EXCEEDED", f"no answer from {self.url} in {self.timeout_s} s"
-            ) from exc
-        except OSError as exc:
-            raise RequestFailed(
-                "UNAVAILABLE", f"cannot reach {self.protocol} server at {self.url}: {exc}"
-            ) from exc
+    def _failures(self) -> contextlib.AbstractContextManager[None]:
+        return request_failures(self.url, self.protocol, self.timeout_s)
 
     def generate(self, request: GenerateRequest) -> GenerateResult:
         """Send one request; raises `RequestFailed` for any server, transport or protocol error."""
         return self._generate_on(self._client(), request)
 
-    def _generate_on(self, client: Any, request: GenerateRequest) -> GenerateResult:
+    def generate_on_model(self, model: str, request: GenerateRequest) -> GenerateResult:
+        """`generate` on another model of the same contract (e.g. `generate_merged_<id>`)."""
+        return self._generate_on(self._client(), request, model)
+
+    def _generate_on(self, client: Any, request: GenerateRequest, model: str | None = None) -> GenerateResult:
         inputs = build_inputs(request, self._module)
         outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
         start = time.perf_counter()
         with self._failures():
-            result = client.infer(self.model, inputs, outputs=outputs, **self._grpc_timeout())
+            result = client.infer(model or self.model, inputs, outputs=outputs, **self._grpc_timeout())
         latency_s = time.perf_counter() - start
         return GenerateResult(
-            text=_output_text(result, "text_output"),
-            adapter_id=_output_text(result, "adapter_id"),
-            adapter_version=_output_text(result, "adapter_version"),
+            text=output_text(result, "text_output"),
+            adapter_id=output_text(result, "adapter_id"),
+            adapter_version=output_text(result, "adapter_version"),
             latency_s=latency_s,
-            generated_tokens=_output_count(result, "generated_tokens"),
+            generated_tokens=output_count(result, "generated_tokens"),
         )
 
     def generate_many(
@@ -422,6 +434,32 @@ class AdapterClient:
             else:
                 raw = client.get_inference_statistics(name)
         return normalize_statistics(raw, name)
+
+    def model_signatures(self) -> dict[str, tuple[frozenset[str], frozenset[str]]]:
+        """Every loaded model's (input names, output names); models that cannot describe themselves (being
+        loaded or unloaded) are left out."""
+        client = self._client()
+        timeout = self._grpc_timeout()
+        with self._failures():
+            if self.protocol == "grpc":
+                stats = client.get_inference_statistics(as_json=True, **timeout)
+            else:
+                stats = client.get_inference_statistics()
+        signatures = {}
+        for name in sorted({model["name"] for model in stats.get("model_stats", [])}):
+            try:
+                with self._failures():
+                    if self.protocol == "grpc":
+                        metadata = client.get_model_metadata(name, as_json=True, **timeout)
+                    else:
+                        metadata = client.get_model_metadata(name)
+            except RequestFailed:
+                continue
+            signatures[name] = (
+                frozenset(tensor["name"] for tensor in metadata.get("inputs", [])),
+                frozenset(tensor["name"] for tensor in metadata.get("outputs", [])),
+            )
+        return signatures
 
     def close(self) -> None:
         with self._lock:

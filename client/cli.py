@@ -1,5 +1,6 @@
 """`python -m client generate ...`: one request, or a concurrent burst with a latency summary.
 `python -m client compare --adapter ID`: the adapter bank against the merged variant of ID, side by side.
+`python -m client health`: one canary inference per served generate model; fails naming any that fails.
 
 Exit status: 0 all requests succeeded, 1 some request failed, 2 bad usage or no ready server.
 """
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from client.api import AdapterClient, GenerateRequest, GenerateResult, RequestFailed
+from client.health import CanaryResult, check
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _ANSWER_CHARS = 100
@@ -90,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument(
         "--merged-dir", type=Path, help="merged weights for --offline (default: build/merged/ID)"
+    )
+    health = commands.add_parser(
+        "health",
+        help="one canary inference per generate model (generate, generate_merged_<id>); "
+        "exit 1 naming any that fails",
+    )
+    health.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
+    health.add_argument("--url", help="host:port (default localhost:8000 for HTTP, localhost:8001 for gRPC)")
+    health.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        help="check only this model (repeatable; default: every model taking the generate contract)",
+    )
+    health.add_argument(
+        "--timeout", type=float, default=10.0, metavar="S", help="per-canary timeout in seconds (10)"
     )
     return parser
 
@@ -253,11 +271,40 @@ def _run_compare(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed or comparison.agreeing < len(prompts) else EXIT_OK
 
 
+def format_canary(result: CanaryResult) -> str:
+    if result.ok:
+        return f"{result.model:<32} ok      {result.latency_s * 1e3:9.1f} ms"
+    return f"{result.model:<32} FAILED  {result.code}: {_one_line(result.message, False)}"
+
+
+def _run_health(args: argparse.Namespace) -> int:
+    try:
+        results = check(args.url, "grpc" if args.grpc else "http", args.model or (), timeout_s=args.timeout)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RequestFailed as failure:
+        print(f"unhealthy: cannot list the served models: {failure}", file=sys.stderr)
+        return EXIT_FAILED
+    if not results:
+        print("unhealthy: the server serves no model that takes the generate contract", file=sys.stderr)
+        return EXIT_FAILED
+    for result in results:
+        print(format_canary(result))
+    failed = [result.model for result in results if not result.ok]
+    if failed:
+        print(f"unhealthy: {', '.join(failed)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "compare":
             return _run_compare(args)
+        if args.command == "health":
+            return _run_health(args)
         return _run_generate(args)
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from server.errors import LaunchError
+from server.model_control import ADMIN_HEADER
 from server.triton_install import TritonInstall
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,9 @@ class ServerConfig:
     log_verbose: int = 0
     exit_timeout_secs: int = DEFAULT_EXIT_TIMEOUT_SECS
     extra_args: tuple[str, ...] = ()
+    # With a token, models are loaded under explicit model control and the model-repository API answers
+    # only requests carrying it (header ADMIN_HEADER): the launcher's supervisor reloads models with it.
+    admin_token: str | None = None
 
     @property
     def ports(self) -> dict[str, int]:
@@ -95,6 +99,8 @@ class ServerConfig:
             problems.append(f"HTTP, gRPC and metrics ports must differ, got {self.ports}")
         if self.exit_timeout_secs < 0:
             problems.append(f"exit timeout {self.exit_timeout_secs} s is negative")
+        if self.admin_token is not None and not self.admin_token.isalnum():
+            problems.append("the admin token must be letters and digits")
         return problems
 
 
@@ -113,7 +119,18 @@ def tritonserver_command(install: TritonInstall, backends_dir: Path, config: Ser
         f"--metrics-port={config.metrics_port}",
         f"--exit-timeout-secs={config.exit_timeout_secs}",
         f"--log-verbose={config.log_verbose}",
+        *(_model_control_args(config.admin_token) if config.admin_token else []),
         *config.extra_args,
+    ]
+
+
+def _model_control_args(token: str) -> list[str]:
+    restricted = f"model-repository:{ADMIN_HEADER}={token}"
+    return [
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        f"--http-restricted-api={restricted}",
+        f"--grpc-restricted-protocol={restricted}",
     ]
 
 

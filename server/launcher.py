@@ -2,8 +2,9 @@
 
 Options default from the environment (HTTP_PORT, GRPC_PORT, METRICS_PORT, BASE_MODEL, ADAPTER_DIR, MERGED);
 arguments after ``--`` go to tritonserver unchanged. The log is streamed to stdout; once
-``/v2/health/ready`` answers 200 a READY banner shows the URLs. Ctrl-C / SIGTERM are forwarded to
-tritonserver, and the launcher exits with its exit status.
+``/v2/health/ready`` answers 200 a READY banner shows the URLs. Then the supervisor (server.supervisor)
+watches the server and heals a model whose stub died or hung, or restarts tritonserver (``--no-supervise``
+turns it off). Ctrl-C / SIGTERM are forwarded to tritonserver, and the launcher exits with its exit status.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import shlex
 import signal
 import sys
@@ -23,6 +25,7 @@ from types import FrameType
 from server.config import DEFAULT_EXIT_TIMEOUT_SECS, DEFAULT_MODEL_REPOSITORY, LOOPBACK, ServerConfig
 from server.errors import LaunchError, ServerStartError
 from server.process import DEFAULT_READY_TIMEOUT_S, ServerProcess, launch
+from server.supervisor import HealthPolicy, Supervisor
 
 LOG = logging.getLogger(__name__)
 
@@ -99,7 +102,48 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=DEFAULT_READY_TIMEOUT_S,
         help="seconds to wait for /v2/health/ready (default: %(default)s)",
     )
+    health = parser.add_argument_group("self-healing (server.supervisor)")
+    health.add_argument(
+        "--no-supervise",
+        dest="supervise",
+        action="store_false",
+        help="only run tritonserver: no canary, no healing, no model control",
+    )
+    defaults = HealthPolicy()
+    health.add_argument(
+        "--health-interval",
+        type=positive_seconds,
+        default=defaults.canary_interval_s,
+        metavar="S",
+        help="seconds between canary inferences on every generate model (default: %(default)s)",
+    )
+    health.add_argument(
+        "--canary-timeout",
+        type=positive_seconds,
+        default=defaults.canary_timeout_s,
+        metavar="S",
+        help="a canary that takes longer fails (default: %(default)s)",
+    )
+    health.add_argument(
+        "--hang-timeout",
+        type=positive_seconds,
+        default=defaults.hang_timeout_s,
+        metavar="S",
+        help="a model with requests waiting that executes nothing this long is hung and is restarted; "
+        "keep it above the slowest legitimate batch (default: %(default)s)",
+    )
     return parser
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type for a duration in seconds, > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def port_number(text: str) -> int:
@@ -148,8 +192,21 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Serve
         log_verbose=args.log_verbose,
         exit_timeout_secs=args.exit_timeout_secs,
         extra_args=tuple(passthrough),
+        admin_token=secrets.token_hex(16) if args.supervise else None,
     )
     return config, args
+
+
+def health_policy(args: argparse.Namespace) -> HealthPolicy | None:
+    """The supervisor's policy from the command line; None with --no-supervise."""
+    if not args.supervise:
+        return None
+    return HealthPolicy(
+        canary_interval_s=args.health_interval,
+        canary_timeout_s=args.canary_timeout,
+        hang_timeout_s=args.hang_timeout,
+        ready_timeout_s=args.ready_timeout,
+    )
 
 
 def discover_adapter_ids(adapter_dir: Path | None) -> list[str]:
@@ -220,16 +277,23 @@ def exit_status(returncode: int) -> int:
 
 
 class _SignalForwarder:
-    """Signal handler forwarding SIGINT/SIGTERM to tritonserver once it runs; remembers the last one."""
+    """Signal handler forwarding SIGINT/SIGTERM to tritonserver once it runs; remembers the last one and
+    tells the supervisor (if any) that the server's exit is now expected."""
 
     def __init__(self) -> None:
         self.server: ServerProcess | None = None
         self.received: int | None = None
+        self.supervisor: Supervisor | None = None
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.server is not None:
             self.server.send_signal(signum)
+
+    def attach(self, server: ServerProcess) -> None:
+        self.server = server
 
 
 @contextmanager
@@ -260,8 +324,14 @@ def with_merged_variants(
     return replace(config, extra_repositories=(*config.extra_repositories, *(v.repository for v in variants)))
 
 
-def run(config: ServerConfig, ready_timeout_s: float, merged: Sequence[str] = ()) -> int:
-    """Launch, wait for readiness, print the banner, then wait for tritonserver; return the exit status."""
+def run(
+    config: ServerConfig,
+    ready_timeout_s: float,
+    merged: Sequence[str] = (),
+    policy: HealthPolicy | None = None,
+) -> int:
+    """Launch, wait for readiness, print the banner, then supervise tritonserver (or only wait for it,
+    without ``policy``); return its exit status."""
     with _forwarding_signals() as forwarder:
         try:
             server = launch(config, log_stream=sys.stdout)
@@ -279,10 +349,27 @@ def run(config: ServerConfig, ready_timeout_s: float, merged: Sequence[str] = ()
             server.stop()
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_NOT_READY
-        if forwarder.received is None:
-            banner = format_banner(server.config, discover_adapter_ids(server.config.adapter_dir), merged)
-            print(banner, flush=True)
-        return exit_status(server.wait())
+        if forwarder.received is not None:
+            return exit_status(server.wait())
+        banner = format_banner(server.config, discover_adapter_ids(server.config.adapter_dir), merged)
+        print(banner, flush=True)
+        if policy is None:
+            return exit_status(server.wait())
+        supervisor = Supervisor(
+            server,
+            policy,
+            relaunch=lambda: launch(config, log_stream=sys.stdout),
+            on_new_server=forwarder.attach,
+        )
+        forwarder.supervisor = supervisor
+        if forwarder.received is not None:
+            supervisor.stop()
+        LOG.info(
+            "supervising: canary every %.0f s, hang timeout %.0f s (--no-supervise to turn off)",
+            policy.canary_interval_s,
+            policy.hang_timeout_s,
+        )
+        return exit_status(supervisor.run())
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -290,7 +377,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     config, args = parse_config(
         sys.argv[1:] if argv is None else argv, os.environ if environ is None else environ
     )
-    logging.basicConfig(level=logging.INFO, format="[launcher] %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="[launcher] %(asctime)s.%(msecs)03d %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     if config.base_model is None:
         LOG.warning("no --base-model / BASE_MODEL given: models that need a base model will fail to load")
     try:
@@ -298,4 +390,4 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except Exception as exc:  # MergeError, TemplateError, LaunchError: say why and stop before launching
         print(f"error: cannot build the merged variants: {exc}", file=sys.stderr)
         return EXIT_LAUNCH_ERROR
-    return run(config, args.ready_timeout, args.merged)
+    return run(config, args.ready_timeout, args.merged, health_policy(args))

@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import logging
+import os
 import shlex
 import signal
 import subprocess
@@ -128,6 +130,16 @@ class ServerProcess:
             self._popen.kill()
             return self.wait()
 
+    def kill(self) -> int:
+        """SIGKILL tritonserver and its stubs at once (its own process group) and return its exit status.
+
+        The group is killed even when tritonserver has already exited: a stub orphaned by a crash keeps
+        running, and keeps open the client connections it inherited.
+        """
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._popen.pid, signal.SIGKILL)
+        return self.wait()
+
     def log_tail(self, lines: int = TAIL_LINES) -> str:
         """The last ``lines`` lines tritonserver (and its stubs) wrote."""
         return self._pump.tail(lines)
@@ -171,7 +183,7 @@ def launch(
         # Own session: a terminal's Ctrl-C reaches only the launcher, which forwards it once; the
         # stubs (tritonserver's children) are then shut down by tritonserver, not signalled directly.
         start_new_session=True,
-        preexec_fn=_die_with_parent(),
+        preexec_fn=die_with_parent(signal.SIGTERM),
     )
     assert popen.stdout is not None
     sinks: list[IO[str]] = [] if log_stream is None else [log_stream]
@@ -273,17 +285,17 @@ class _OutputPump(threading.Thread):
             return "\n".join(list(self._tail)[-lines:])
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM tritonserver if the launcher dies, so no server is orphaned.
+def die_with_parent(signum: int) -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to send ``signum`` to the child if its parent dies, so nothing is orphaned.
 
-    Linux ties this to the thread that started the process: start servers from a long-lived thread.
+    Linux ties this to the thread that started the process: start children from a long-lived thread.
     """
     if not sys.platform.startswith("linux"):
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+    pr_set_pdeathsig = 1
 
     def set_parent_death_signal() -> None:
-        prctl(pr_set_pdeathsig, sigterm)
+        prctl(pr_set_pdeathsig, int(signum))
 
     return set_parent_death_signal

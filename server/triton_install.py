@@ -82,14 +82,16 @@ def prepare_backends(
     """Assemble ``<build_root>/backends/python`` and return ``<build_root>/backends``.
 
     The tree is the wheel's ``backends/python/`` plus the stub for ``python_version`` (default: the
-    running interpreter). Files are copied only when missing or different in size or mtime, and each
-    copy replaces its target atomically, so a server already running from the tree is not disturbed.
+    running interpreter). A stub the wheel's own ``backends/python/`` may hold (PyTriton drops the one for
+    whatever Python ran it there) is never copied: only the one for ``python_version`` is. Files are copied
+    only when missing or different in size or mtime, and each copy replaces its target atomically, so a
+    server already running from the tree is not disturbed.
     """
     version = python_version or (sys.version_info.major, sys.version_info.minor)
     backends_dir = build_root / "backends"
     python_dir = backends_dir / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
-    sources = [path for path in install.python_backend.iterdir() if path.is_file()]
+    sources = [path for path in install.python_backend.iterdir() if path.is_file() and path.name != STUB_NAME]
     sources.append(install.stub(version))
     for source in sources:
         sync_file(source, python_dir / source.name)

@@ -43,12 +43,32 @@ class Tensor:
         return self._array
 
 
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+
+class InferenceResponseSender:
+    """Records what a model sends: ``sent`` holds (response, flags) in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[InferenceResponse | None, int]] = []
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        self.sent.append((response, flags))
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
 class InferenceRequest:
     def __init__(self, inputs: list[Tensor]):
         self._inputs = inputs
+        self._sender = InferenceResponseSender()
 
     def inputs(self) -> list[Tensor]:
         return self._inputs
+
+    def get_response_sender(self) -> InferenceResponseSender:
+        return self._sender
 
 
 class InferenceResponse:
@@ -98,6 +118,10 @@ def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | N
     return next((t for t in request.inputs() if t.name() == name), None)
 
 
+def using_decoupled_model_transaction_policy(model_config: Mapping[str, Any]) -> bool:
+    return bool(model_config.get("model_transaction_policy", {}).get("decoupled", False))
+
+
 class Logger:
     records: list[tuple[str, str]] = []
 
@@ -119,6 +143,8 @@ def _module() -> types.ModuleType:
     for name in ("TritonError", "Tensor", "InferenceRequest", "InferenceResponse", "Logger", "MetricFamily"):
         setattr(module, name, globals()[name])
     module.get_input_tensor_by_name = get_input_tensor_by_name
+    module.using_decoupled_model_transaction_policy = using_decoupled_model_transaction_policy
+    module.TRITONSERVER_RESPONSE_COMPLETE_FINAL = TRITONSERVER_RESPONSE_COMPLETE_FINAL
     return module
 
 

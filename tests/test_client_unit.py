@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc
 import tritonclient.http
+from geventhttpclient.response import HTTPConnectionClosed
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor, triton_to_np_dtype
 
 from client import (
@@ -82,6 +83,7 @@ def test_every_grpc_error_status_has_a_code(grpc_code: grpc.StatusCode) -> None:
         (InferenceServerException("client-side", status=None), "UNKNOWN"),
         (TimeoutError("timed out"), "DEADLINE_EXCEEDED"),
         (ConnectionRefusedError(111, "Connection refused"), "UNAVAILABLE"),
+        (HTTPConnectionClosed("connection closed."), "UNAVAILABLE"),  # a server that went away mid-answer
     ],
 )
 def test_failures_boundary_maps_each_exception(raised: BaseException, code: str) -> None:

@@ -269,6 +269,43 @@ def test_prepare_backends_copies_only_what_changed(install: TritonInstall, tmp_p
     assert (python_dir / "libtriton_python.so").stat().st_ino == inodes["libtriton_python.so"]
 
 
+def fake_install(root: Path, wheel_stub: bytes | None) -> TritonInstall:
+    """A wheel tree with stubs for 3.10 and the running Python, and optionally a stub in backends/python/
+    (PyTriton leaves the one for the Python that ran it there)."""
+    install = TritonInstall(root=root / "tritonserver", libs_dir=root / "libs")
+    install.python_backend.mkdir(parents=True)
+    (install.python_backend / "libtriton_python.so").write_bytes(b"backend")
+    (install.python_backend / "triton_python_backend_utils.py").write_text("# utils\n")
+    if wheel_stub is not None:
+        (install.python_backend / STUB_NAME).write_bytes(wheel_stub)
+    for version in ("3.10", f"{RUNNING_PYTHON[0]}.{RUNNING_PYTHON[1]}"):
+        (install.stubs_dir / version).mkdir(parents=True)
+        (install.stubs_dir / version / STUB_NAME).write_bytes(f"stub for {version}".encode())
+    return install
+
+
+def test_a_stub_in_the_wheels_backend_is_never_copied_over_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install = fake_install(tmp_path / "wheel", wheel_stub=b"a foreign stub, for another Python")
+    python_dir = prepare_backends(install, tmp_path / "build") / "python"
+    stub = python_dir / STUB_NAME
+    assert stub.read_bytes() == install.stub(RUNNING_PYTHON).read_bytes()
+    copied: list[str] = []
+
+    def recording_sync(source: Path, target: Path) -> bool:
+        done = sync_file(source, target)
+        if done:
+            copied.append(str(source.relative_to(tmp_path)))
+        return done
+
+    monkeypatch.setattr("server.triton_install.sync_file", recording_sync)
+    prepare_backends(install, tmp_path / "build")
+
+    assert stub.read_bytes() == install.stub(RUNNING_PYTHON).read_bytes()
+    assert copied == []
+
+
 def test_prepare_backends_switches_stub_with_python_version(install: TritonInstall, tmp_path: Path) -> None:
     stub = prepare_backends(install, tmp_path, python_version=(3, 10)) / "python" / STUB_NAME
     assert stub.read_bytes() == install.stub((3, 10)).read_bytes()
