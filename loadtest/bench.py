@@ -6,30 +6,12 @@ throughput figures are of correct answers only.
 
 from __future__ import annotations
 
-import os
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.host import cpu_model, usable_cores
 from loadtest.report import Summary
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -104,6 +86,8 @@ def plot(points: Sequence[BenchPoint], path: Path, title: str) -> None:
     tokens.set_ylabel("tokens / s")
     handles = throughput.get_legend_handles_labels()[0] + tokens.get_legend_handles_labels()[0]
     throughput.legend(handles, [h.get_label() for h in handles], loc="best")
+    for axes in (latency, throughput, tokens):
+        axes.set_ylim(bottom=0)  # a flat line must look flat, not magnified
     for axes in (latency, throughput):
         axes.set_xticks(users)
     figure.suptitle(title)

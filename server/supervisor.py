@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from server.model_control import ModelControl, ModelControlError, ModelProgress
-from server.process import ServerProcess
+from server.process import STOP_MARGIN_S, ServerProcess
 from server.stubs import Stub, kill, list_stubs, process_status, remove_shm_regions
 
 LOG = logging.getLogger("server.supervisor")
@@ -258,15 +259,24 @@ class Supervisor:
                     if self._stopping.is_set() or not self._restart(
                         f"tritonserver exited with code {returncode}"
                     ):
-                        return self.server.wait()
+                        return self._exit_status()
                     continue
                 if not self._stopping.is_set():
                     self._tick()
                 self._stopping.wait(self.policy.poll_s)
                 if self._stopping.is_set():
-                    return self.server.wait()
+                    return self._exit_status()
         finally:
             self._clean_shared_memory()
+
+    def _exit_status(self) -> int:
+        """tritonserver's exit status once it has stopped; killed if it outlives its own exit timeout."""
+        patience = self.server.config.exit_timeout_secs + STOP_MARGIN_S
+        try:
+            return self.server.wait(patience)
+        except subprocess.TimeoutExpired:
+            LOG.error("tritonserver still runs %.0f s after it was asked to stop; killing it", patience)
+            return self.server.kill()
 
     def _tick(self) -> None:
         faults = self.stubs.poll(list_stubs(self.server.pid), is_loaded=self.control.is_ready)

@@ -38,7 +38,7 @@ def test_mixed_load_answers_every_request_right_and_accounts_for_each(demo_serve
         result, report = run_loadtest(
             demo_server,
             tmp_path,
-            *("--users", "16", "--spawn-rate", "8", "--duration", "20s", "--protocol", "both"),
+            *("--users", "32", "--spawn-rate", "16", "--duration", "20s", "--protocol", "both"),
             *("--sampled-share", "0.2", "--seeds", "2", "--sampled-prompts", "4"),
         )
         after = client.inference_statistics("generate")["inference_count"]
