@@ -11,14 +11,17 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
-from multiadapter.config import ENV_BASE_MODEL
+from multiadapter.environment import ENV_BASE_MODEL
 from multiadapter.errors import ErrorKind, InvalidRequest, RequestError
 from multiadapter.tokenization import TextCodec
+
+if TYPE_CHECKING:  # the tokenizer steps never import torch; only the LM models need these
+    import torch
+    from multiadapter.scheduler import StepResult
 
 # Attribute names, resolved at call time: the stub attaches TritonError to the module after import.
 _CODES = {
@@ -50,6 +53,8 @@ def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
 
 def instance_device(args: Mapping[str, str]) -> torch.device:
     """CUDA device of a KIND_GPU instance when CUDA is available, else the CPU."""
+    import torch
+
     if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
         return torch.device("cuda", int(args.get("model_instance_device_id", "0")))
     return torch.device("cpu")
@@ -127,51 +132,73 @@ def route_logging_to_triton(level: int = logging.INFO) -> None:
 
 
 class ServingMetrics:
-    """The LM model's own Prometheus counters on Triton's metrics endpoint (:8002/metrics).
+    """The LM model's own Prometheus series on Triton's metrics endpoint (:8002/metrics).
 
-    Labels stay bounded: batch composition (mixed / uniform) and error code, never adapter ids.
-    Triton counts a per-request error response as a success, so errors are counted here.
+    Labels stay bounded: batch composition (mixed / uniform), error code and loop state, never adapter ids.
+    Triton counts a per-request error response as a success, so errors are counted here. With continuous
+    batching, a batch is one decode step of the engine loop, and `multiadapter_engine_steps_total` and
+    `multiadapter_engine_requests` are what the launcher's supervisor reads as the loop's progress.
     """
 
     def __init__(self, model_name: str):
-        counter = pb_utils.MetricFamily.COUNTER
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         batches = pb_utils.MetricFamily(
             name="multiadapter_batches_total",
-            description="Batches computed in one forward pass, by whether they mixed adapters",
+            description="Batches computed in one forward pass (decode steps), by whether they mixed adapters",
             kind=counter,
         )
         rows = pb_utils.MetricFamily(
-            name="multiadapter_batch_rows_total", description="Requests computed in batches", kind=counter
+            name="multiadapter_batch_rows_total", description="Rows computed in batches", kind=counter
         )
         errors = pb_utils.MetricFamily(
             name="multiadapter_request_errors_total",
             description="Requests answered with an error",
             kind=counter,
         )
+        steps = pb_utils.MetricFamily(
+            name="multiadapter_engine_steps_total",
+            description="Steps of the engine loop (a prefill chunk, a decode forward, or both)",
+            kind=counter,
+        )
+        requests = pb_utils.MetricFamily(
+            name="multiadapter_engine_requests",
+            description="Requests in the engine loop, waiting for admission or running",
+            kind=gauge,
+        )
         # The families must outlive their metrics: Triton deletes a family's metrics with it.
-        self._families = (batches, rows, errors)
-        self._batches = {
-            c: batches.Metric(labels={"model": model_name, "composition": c}) for c in ("mixed", "uniform")
-        }
-        self._rows = rows.Metric(labels={"model": model_name})
-        self._errors = {
-            k: errors.Metric(labels={"model": model_name, "code": code}) for k, code in _CODES.items()
-        }
+        self._families = (batches, rows, errors, steps, requests)
+        labels = {"model": model_name}
+        self._batches = {c: batches.Metric(labels={**labels, "composition": c}) for c in ("mixed", "uniform")}
+        self._rows = rows.Metric(labels=labels)
+        self._errors = {k: errors.Metric(labels={**labels, "code": code}) for k, code in _CODES.items()}
+        self._steps = steps.Metric(labels=labels)
+        self._requests = {s: requests.Metric(labels={**labels, "state": s}) for s in ("waiting", "running")}
+        self._last_requests: dict[str, int] = {}
 
-    def record_batch(self, adapter_ids: list[str]) -> None:
-        if adapter_ids:
-            self._safely(self._batches["mixed" if len(set(adapter_ids)) > 1 else "uniform"], 1)
-            self._safely(self._rows, len(adapter_ids))
+    def record_batch(self, rows: int, adapters: int) -> None:
+        """A batch of `rows` rows over `adapters` distinct adapters (the base counts as one)."""
+        if rows:
+            self._safely(self._batches["mixed" if adapters > 1 else "uniform"].increment, 1)
+            self._safely(self._rows.increment, rows)
+
+    def record_step(self, result: StepResult, waiting: int, running: int) -> None:
+        """One step of the engine loop, and how many requests it holds afterwards."""
+        self._safely(self._steps.increment, 1)
+        self.record_batch(result.rows, result.adapters)
+        for state, count in (("waiting", waiting), ("running", running)):
+            if self._last_requests.get(state) != count:
+                self._last_requests[state] = count
+                self._safely(self._requests[state].set, count)
 
     def record_error(self, exc: Exception) -> None:
         kind = exc.kind if isinstance(exc, RequestError) else ErrorKind.INTERNAL
-        self._safely(self._errors[kind], 1)
+        self._safely(self._errors[kind].increment, 1)
 
     @staticmethod
-    def _safely(metric, value: float) -> None:
+    def _safely(update, value: float) -> None:
         # Metrics never fail a request.
         try:
-            metric.increment(value)
+            update(value)
         except Exception:  # noqa: BLE001
             logging.getLogger(__name__).exception("could not update a metric")
 

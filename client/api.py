@@ -70,6 +70,28 @@ _GRPC_STATUS_CODES = {
 _STATUS_CODES = {**_HTTP_STATUS_CODES, **_GRPC_STATUS_CODES}
 
 
+# A gRPC channel that lost its server retries with an exponential backoff that reaches two minutes, and fails
+# every call meanwhile: a client would see a restarted server long after it is back. Retry every second at
+# most, with tritonclient's own defaults otherwise (message sizes, keepalive).
+RECONNECT_BACKOFF_MS = 1000
+
+
+def grpc_channel_args() -> list[tuple[str, int]]:
+    """Channel arguments for tritonclient.grpc: its defaults, with reconnection capped at one second."""
+    keepalive = tritonclient.grpc.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", tritonclient.grpc.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", tritonclient.grpc.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS // 5),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS // 5),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+    ]
+
+
 def error_code(status: str | None) -> str:
     """Triton-style code for an `InferenceServerException.status()` of either protocol.
 
@@ -304,7 +326,7 @@ class AdapterClient:
             return tritonclient.http.InferenceServerClient(
                 self.url, connection_timeout=timeout, network_timeout=timeout
             )
-        return tritonclient.grpc.InferenceServerClient(self.url)
+        return tritonclient.grpc.InferenceServerClient(self.url, channel_args=grpc_channel_args())
 
     def _client(self) -> Any:
         """The underlying tritonclient client for the calling thread."""

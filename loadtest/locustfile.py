@@ -38,6 +38,7 @@ from client.api import (
     GenerateRequest,
     RequestFailed,
     build_inputs,
+    grpc_channel_args,
     output_count,
     output_text,
     request_failures,
@@ -336,7 +337,7 @@ class GrpcGenerateUser(GenerateUser):
     url_option = "triton_grpc"
 
     def open_client(self) -> Any:
-        return tritonclient.grpc.InferenceServerClient(self.url)
+        return tritonclient.grpc.InferenceServerClient(self.url, channel_args=grpc_channel_args())
 
     def infer_kwargs(self) -> dict[str, Any]:
         return {"client_timeout": self.timeout_s}

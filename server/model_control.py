@@ -28,10 +28,12 @@ class ModelControlError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelProgress:
-    """One scrape of a model's queue and work: requests waiting to be scheduled, and batches executed."""
+    """One scrape of a model's queue and work: requests waiting or in its engine, and executions or engine
+    steps done."""
 
     pending: float = 0.0
     executions: float = 0.0
+    answers_later: bool = False  # it runs an engine loop that answers requests after execute returned
 
 
 class ModelControl:
@@ -111,11 +113,23 @@ class ModelControl:
         return parse_progress(text)
 
 
+# Work that waits, and work done, per model: Triton's own queue and executions, plus the engine loop's
+# requests and steps (a model that answers later returns from execute at once, so Triton's counts alone
+# would not show its engine stalling).
+ENGINE_SERIES = "multiadapter_engine_requests"
+PENDING_SERIES = ("nv_inference_pending_request_count", ENGINE_SERIES)
+PROGRESS_SERIES = ("nv_inference_exec_count", "multiadapter_engine_steps")
+
+
 def parse_progress(text: str) -> dict[str, ModelProgress]:
     """``ModelProgress`` per model from Prometheus text exposition."""
     pending: dict[str, float] = {}
     executions: dict[str, float] = {}
-    wanted = {"nv_inference_pending_request_count": pending, "nv_inference_exec_count": executions}
+    wanted = {
+        **{name: pending for name in PENDING_SERIES},
+        **{name: executions for name in PROGRESS_SERIES},
+    }
+    engines: set[str] = set()
     for family in text_string_to_metric_families(text):
         target = wanted.get(family.name)
         if target is None:
@@ -124,7 +138,9 @@ def parse_progress(text: str) -> dict[str, ModelProgress]:
             model = sample.labels.get("model")
             if model is not None:
                 target[model] = target.get(model, 0.0) + sample.value
+                if family.name == ENGINE_SERIES:
+                    engines.add(model)
     return {
-        model: ModelProgress(pending.get(model, 0.0), executions.get(model, 0.0))
+        model: ModelProgress(pending.get(model, 0.0), executions.get(model, 0.0), model in engines)
         for model in pending.keys() | executions.keys()
     }

@@ -11,9 +11,11 @@ supervisor runs in the launcher and watches three things:
 
 A model that lost its stub is healed in place through Triton's model control: first a stand-in (same name
 and contract, no torch, loaded in about a second) answers every request UNAVAILABLE with the reason, then
-the model is loaded again from its repository and the stand-in leaves. If model control fails, the canary
-keeps failing with no known cause, or tritonserver itself exits, the server is restarted. Every action is
-logged.
+the model is loaded again from its repository and the stand-in leaves. A model whose engine loop answers
+requests after `execute` returned (it exports `multiadapter_engine_requests`) cannot be healed in place:
+Triton 2.51 never answers the requests its dead stub held, so the server is restarted, which ends their
+connections. If model control fails, the canary keeps failing with no known cause, or tritonserver itself
+exits, the server is restarted too. Every action is logged.
 """
 
 from __future__ import annotations
@@ -243,6 +245,7 @@ class Supervisor:
             self.server.http_url, self.server.metrics_url, self.server.config.admin_token or ""
         )
         self.healer = Healer(self.control)
+        self._answers_later: set[str] = set()  # models whose engine loop answers after execute returned
         self._canary_failures = 0
         self._next_canary = time.monotonic() + self.policy.canary_interval_s
 
@@ -281,10 +284,12 @@ class Supervisor:
     def _tick(self) -> None:
         faults = self.stubs.poll(list_stubs(self.server.pid), is_loaded=self.control.is_ready)
         try:
-            stalled = self.stalls.observe(self.control.progress(), time.monotonic())
+            progress = self.control.progress()
         except ModelControlError as exc:
             LOG.debug("metrics unavailable: %s", exc)
-            stalled = []
+            progress = {}
+        self._answers_later |= {model for model, sample in progress.items() if sample.answers_later}
+        stalled = self.stalls.observe(progress, time.monotonic())
         for model in stalled:
             # Models without a Python stub (ensembles) have none: their steps are watched instead.
             faults += [Fault(stub, "hung") for stub in self.stubs.stubs_of(model)]
@@ -339,6 +344,15 @@ class Supervisor:
             if fault.reason != "exited":
                 kill(stub.pid)  # a stopped or hung stub holds its requests; killed, they fail at once
             models.setdefault(stub.model, f"stub {fault.reason}")
+        stranded = sorted(set(models) & self._answers_later)
+        if stranded:
+            # Triton 2.51 cannot answer the requests such a model held: only ending tritonserver's
+            # connections frees their clients, so the whole server restarts instead of healing in place.
+            self._restart(
+                f"model {', '.join(repr(m) for m in stranded)} answers requests from its engine loop, and "
+                "Triton 2.51 strands the ones its dead stub held"
+            )
+            return
         try:
             standins = self._while_alive(
                 {m: (lambda m=m, r=r: self.healer.standin(m, r)) for m, r in models.items()}

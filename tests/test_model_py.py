@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -11,14 +15,39 @@ from tests.conftest import ROOT
 REPO = ROOT / "model_repository"
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_model):
+@pytest.fixture(scope="module", params=["continuous", "request"])
+def lm(tiny_model, request):
+    """adapter_lm's model.py with each batching mode: answered later by the engine loop, or at once."""
     with fake_triton.installed() as pb:
         model_cls = fake_triton.load_model_py(REPO / "adapter_lm" / "1" / "model.py")
         model = model_cls()
-        params = {"base_model": str(tiny_model.base_model), "adapter_dir": str(tiny_model.adapter_dir)}
+        params = {
+            "base_model": str(tiny_model.base_model),
+            "adapter_dir": str(tiny_model.adapter_dir),
+            "batching": request.param,
+        }
         model.initialize(fake_triton.initialize_args(REPO / "adapter_lm" / "config.pbtxt", params))
         yield model, pb
+        model.finalize()
+
+
+def answers(model, requests) -> list:
+    """The one final response of each request, whether execute returned them or the loop sent them."""
+    returned = model.execute(requests)
+    if returned is not None:
+        assert len(returned) == len(requests)
+        return returned
+    deadline = time.monotonic() + 60
+    while not all(r.get_response_sender().sent for r in requests):
+        assert time.monotonic() < deadline, "a request was never answered"
+        time.sleep(0.01)
+    time.sleep(0.05)  # a second response would arrive now
+    responses = []
+    for request in requests:
+        sent = request.get_response_sender().sent
+        assert len(sent) == 1 and sent[0][1] == fake_triton.TRITONSERVER_RESPONSE_COMPLETE_FINAL, sent
+        responses.append(sent[0][0])
+    return responses
 
 
 def ids(*values: int) -> np.ndarray:
@@ -36,8 +65,7 @@ def test_one_response_per_request_in_order_with_typed_errors(lm, tiny_model):
         fake_triton.request(input_ids=ids(1, 104, 3), adapter_id="", max_tokens=np.array([[1, 2]], np.int32)),
         fake_triton.request(input_ids=ids(1, 104, 3), adapter_id=""),
     ]
-    responses = model.execute(requests)
-    assert len(responses) == 4
+    responses = answers(model, requests)
     assert not responses[0].has_error()
     assert responses[0].output("output_ids").shape[1] <= 3
     assert responses[0].output("served_adapter_id")[0, 0] == adapter.encode()
@@ -51,7 +79,7 @@ def test_one_response_per_request_in_order_with_typed_errors(lm, tiny_model):
         m.labels["composition"]: m.value
         for m in pb.MetricFamily.families["multiadapter_batches_total"].metrics
     }
-    assert batches["mixed"] >= 1  # the adapter row and the base row shared one batch
+    assert batches["mixed"] >= 1  # the adapter row and the base row shared a batch
     errors = {
         m.labels["code"]: m.value
         for m in pb.MetricFamily.families["multiadapter_request_errors_total"].metrics
@@ -62,12 +90,14 @@ def test_one_response_per_request_in_order_with_typed_errors(lm, tiny_model):
 def test_a_model_wide_failure_still_answers_every_request_once(lm, monkeypatch):
     model, pb = lm
 
-    def explode(requests):
+    def explode(*args, **kwargs):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(model.engine, "generate", explode)
-    responses = model.execute(
-        [fake_triton.request(input_ids=ids(1, 3), adapter_id=""), fake_triton.request(input_ids=ids(1, 3))]
+    monkeypatch.setattr(model.engine.scheduler, "step", explode)
+    responses = answers(
+        model,
+        [fake_triton.request(input_ids=ids(1, 3), adapter_id=""), fake_triton.request(input_ids=ids(1, 3))],
     )
     assert [r.error().code() for r in responses] == [pb.TritonError.INTERNAL, pb.TritonError.INVALID_ARG]
     assert "device lost" in responses[0].error().message()
@@ -86,3 +116,23 @@ def test_tokenizer_and_detokenizer_round_trip(tiny_model):
         token_ids = out[0].output("input_ids")
         (back,) = detok.execute([fake_triton.request(output_ids=token_ids)])
         assert back.output("text_output")[0, 0].decode() == "héllo"
+
+
+def test_the_tokenizer_steps_never_import_torch(tiny_model):
+    """They start in a second without it, which is most of what a restarted server waits for."""
+    script = f"""
+import sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "backend_src")!r}]
+from tests import fake_triton
+base = {{"base_model": {str(tiny_model.base_model)!r}}}
+with fake_triton.installed():
+    for name in ("tokenizer", "detokenizer"):
+        directory = fake_triton.ROOT / "model_repository" / name
+        model = fake_triton.load_model_py(directory / "1" / "model.py")()
+        model.initialize(fake_triton.initialize_args(directory / "config.pbtxt", base))
+import os
+print("torch" in sys.modules, os.environ.get("USE_TORCH"))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False None", result.stdout + result.stderr  # nothing inherits USE_TORCH

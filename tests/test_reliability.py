@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from client.api import AdapterClient, GenerateRequest, GenerateResult, RequestFailed, build_inputs, error_code
 from loadtest.local_server import LocalServer, local_server
 from loadtest.traffic import DEMO_ACCURACY_FILE, DEMO_TASKS_FILE, DemoContract
+from server.process import STOP_MARGIN_S
 from server.stubs import SHM_DIR, Stub, list_stubs, resident_bytes
 from tests.conftest import ROOT
 from training.prompts import evaluation_prompts
@@ -329,53 +330,68 @@ def test_clients_cannot_use_the_model_repository_api(healthy):
     assert health(healthy).returncode == 0
 
 
-def test_killed_and_stopped_stubs_idle_fail_health_then_heal_exactly(healthy):
+def merged_probes(seed: int) -> list[Probe]:
+    """Probes for generate_merged_upper: `upper` merged into the base answers "" and "upper" alike."""
+    upper = [p for p in demo_probes(14, seed=seed) if p.request.adapter_id in ("upper", "")]
+    return [Probe(p.request, p.expected.upper()) for p in upper]
+
+
+def test_killed_and_stopped_stubs_idle_fail_health_then_heal_in_place(healthy):
     before = baseline(healthy)
-    probes = demo_probes(7, seed=1)
-    lm, merged = healthy.stub_of("adapter_lm"), healthy.stub_of("merged_upper")
-    os.kill(lm.pid, signal.SIGKILL)
-    os.kill(merged.pid, signal.SIGSTOP)
+    tokenizer, detokenizer = healthy.stub_of("tokenizer"), healthy.stub_of("detokenizer")
+    os.kill(tokenizer.pid, signal.SIGKILL)
+    os.kill(detokenizer.pid, signal.SIGSTOP)
     fault = time.monotonic()
 
     result = health(healthy)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "unhealthy: generate, generate_merged_upper" in result.stderr
+    assert "unhealthy: generate, generate_merged_upper" in result.stderr  # both go through the two steps
 
-    healed = wait_exact(healthy, probes, fault)
-    upper = [p for p in demo_probes(14, seed=2) if p.request.adapter_id in ("upper", "")]
-    merged_probes = [Probe(p.request, p.expected.upper()) for p in upper]  # "" is `upper` merged
-    healed_merged = wait_exact(healthy, merged_probes, fault, model="generate_merged_upper")
+    healed = wait_exact(healthy, demo_probes(7, seed=1), fault)
+    healed_merged = wait_exact(healthy, merged_probes(2), fault, model="generate_merged_upper")
     log = healthy.log()
-    assert f"stub adapter_lm_0_0 (pid {lm.pid}) of model 'adapter_lm' has exited" in log
-    assert f"stub merged_upper_0_0 (pid {merged.pid}) of model 'merged_upper' is stopped" in log
-    assert "model 'adapter_lm' healed" in log and "model 'merged_upper' healed" in log
-    print(f"healed after {healed:.1f} s (generate) and {healed_merged:.1f} s (generate_merged_upper)")
+    assert f"stub tokenizer_0_0 (pid {tokenizer.pid}) of model 'tokenizer' has exited" in log
+    assert f"stub detokenizer_0_0 (pid {detokenizer.pid}) of model 'detokenizer' is stopped" in log
+    assert "model 'tokenizer': stand-in loaded" in log and "model 'detokenizer': stand-in loaded" in log
+    assert "model 'tokenizer' healed" in log and "model 'detokenizer' healed" in log
+    assert "restarting tritonserver" not in log
+    print(f"healed in place after {healed:.1f} s (generate), {healed_merged:.1f} s (generate_merged_upper)")
     assert health(healthy).returncode == 0
     assert_back_to(healthy, before)
 
 
-def test_a_stub_killed_under_load_fails_requests_fast_and_typed_then_heals(healthy):
+@pytest.mark.parametrize("model", ["tokenizer", "adapter_lm"])
+def test_a_stub_killed_under_load_fails_requests_fast_and_typed_then_heals(healthy, model):
+    """The tokenizer is healed in place (a stand-in answers meanwhile); adapter_lm's engine loop answers
+    requests after execute returned, which Triton 2.51 strands with a dead stub, so the server restarts."""
     before = baseline(healthy)
     probes = demo_probes(42, seed=3)
+    log_start = len(healthy.log())
     with Load(healthy, probes) as load:
         time.sleep(2)
-        os.kill(healthy.stub_of("adapter_lm").pid, signal.SIGKILL)
+        os.kill(healthy.stub_of(model).pid, signal.SIGKILL)
         fault = time.monotonic()
         healed = wait_exact(healthy, probes[:7], fault)
-        time.sleep(2)
+        time.sleep(4)
+    log = healthy.log()[log_start:]
+    if model == "adapter_lm":
+        assert "answers requests from its engine loop" in log and "restarting tritonserver" in log
+    else:
+        assert f"model '{model}' healed" in log and "restarting tritonserver" not in log
     outcomes = load.check_ledger()
     errors = load.errors()
     assert errors, "the kill was not seen by any request"
     assert set(outcomes) <= {"OK", "UNAVAILABLE", "INTERNAL"}, outcomes
     internal = [r for r in errors if r.outcome.code == "INTERNAL"]
     assert all("is not healthy" in r.outcome.message for r in internal), internal[:3]
-    # Triton's own INTERNAL answers only the requests that met the dead stub, before its stand-in was up.
+    # Triton's own INTERNAL answers only the requests that met the dead stub before it was replaced.
     assert outcomes["UNAVAILABLE"] > outcomes["INTERNAL"], outcomes
     slowest = max(r.end - r.start for r in errors)
     assert slowest < HEAL_DEADLINE_S, slowest
-    after = [r for r in load.records if r.start > fault + healed]
-    assert after and all(isinstance(r.outcome, GenerateResult) for r in after)
-    print(f"healed after {healed:.1f} s; outcomes {dict(outcomes)}; slowest error {slowest:.2f} s")
+    # gRPC channels reconnect within their backoff (capped at 1 s by the client) once the server is back.
+    after = [r for r in load.records if r.start > fault + healed + 2]
+    assert after and all(isinstance(r.outcome, GenerateResult) for r in after), after[:3]
+    print(f"{model}: healed after {healed:.1f} s; outcomes {dict(outcomes)}; slowest error {slowest:.2f} s")
     assert_back_to(healthy, before)
 
 
@@ -456,10 +472,11 @@ def test_a_burst_beyond_the_queue_gets_fast_unavailable_and_latency_recovers(hea
             accepted.append(seconds)
             continue
         assert error_code(outcome.status()) == "UNAVAILABLE", outcome
-        if "Exceeds maximum queue size" in outcome.message():
-            rejected.append(seconds)
+        message = outcome.message()
+        if "Exceeds maximum queue size" in message or "the engine's queue is full" in message:
+            rejected.append(seconds)  # Triton's queue in front of execute, or the engine loop's
         else:  # queued, then waited longer than the queue's timeout (a slow or busy machine)
-            assert "Request timeout expired" in outcome.message(), outcome
+            assert "Request timeout expired" in message or "in the engine's queue" in message, outcome
             expired.append(seconds)
     assert accepted and rejected, (len(accepted), len(rejected))
     # Fast: the rejections come back before most of the accepted requests are answered.
@@ -662,7 +679,7 @@ def test_stopping_the_server_under_load_answers_every_request_and_leaves_nothing
         # Requests that met a dead stub earlier in this module stay counted in flight in Triton 2.51, so
         # its shutdown waits out the exit timeout and then exits at once, with an error (see README).
         assert "Exit timeout expired" in log, log[-3000:]
-    assert took < EXIT_TIMEOUT_S + 15, took
+    assert took < EXIT_TIMEOUT_S + STOP_MARGIN_S + 5, took  # the launcher kills a server that lingers
     assert outcomes["OK"] > 0 and set(outcomes) <= {"OK", "UNAVAILABLE", "INTERNAL", "CANCELLED"}, outcomes
     late = [r for r in load.records if r.end - r.start > took + 5]
     assert not late, late[:3]

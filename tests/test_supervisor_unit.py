@@ -151,11 +151,16 @@ def test_parse_progress_sums_versions_and_ignores_other_series():
             'nv_inference_pending_request_count{model="adapter_lm",version="1"} 3',
             "# TYPE nv_inference_count counter",
             'nv_inference_count{model="adapter_lm",version="1"} 100',
+            "# TYPE multiadapter_engine_steps_total counter",
+            'multiadapter_engine_steps_total{model="adapter_lm"} 400',
+            "# TYPE multiadapter_engine_requests gauge",
+            'multiadapter_engine_requests{model="adapter_lm",state="waiting"} 2',
+            'multiadapter_engine_requests{model="adapter_lm",state="running"} 5',
             "",
         ]
     )
     assert parse_progress(text) == {
-        "adapter_lm": ModelProgress(pending=3, executions=20),
+        "adapter_lm": ModelProgress(pending=3 + 2 + 5, executions=20 + 400, answers_later=True),
         "tokenizer": ModelProgress(pending=0, executions=7),
     }
 

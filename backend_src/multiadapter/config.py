@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
+from .environment import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from .errors import ConfigError
 from .lora_loading import DEFAULT_MAX_ADAPTER_BYTES
 from .merged_variant import MERGED_INFO_FILE
 from .sampling import SamplingLimits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ENV_BASE_MODEL = "MULTIADAPTER_BASE_MODEL"
-ENV_ADAPTER_DIR = "MULTIADAPTER_ADAPTER_DIR"
+BATCHING = ("continuous", "request")
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,27 @@ class EngineConfig:
     limits: SamplingLimits = SamplingLimits()
     num_threads: int = 0
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
+    # Continuous batching (scheduler.py): rows in flight, their KV-token reservations (0: max_batch_rows
+    # times the context window, so any one request fits), prompt positions prefilled per step. "request"
+    # batching generates each submitted group to its end instead (kept to measure against).
+    batching: str = "continuous"
+    max_batch_rows: int = 16
+    max_kv_tokens: int = 0
+    prefill_chunk: int = 512
+    # Requests the loop holds before it refuses more (UNAVAILABLE at once), and how long one may wait for
+    # admission before it fails UNAVAILABLE (0: no limit). Triton's own queue no longer bounds them.
+    max_waiting_requests: int = 128
+    queue_timeout_ms: int = 10_000
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> EngineConfig:
         """Build from string parameters; `env` (default os.environ) overrides the two paths.
 
         Keys: base_model, adapter_dir, merged_model, dtype, max_adapters, default_max_tokens,
-        max_tokens_cap, num_threads, max_adapter_bytes. `merged_model` (a merged-weight variant) takes the
-        place of base_model and adapter_dir, and the environment does not override it. Unknown keys and
-        bad values are all reported together.
+        max_tokens_cap, num_threads, max_adapter_bytes, batching, max_batch_rows, max_kv_tokens,
+        prefill_chunk, max_waiting_requests, queue_timeout_ms. `merged_model` (a merged-weight variant)
+        takes the place of base_model and adapter_dir, and the environment does not override it. Unknown
+        keys and bad values are all reported together.
         """
         env = os.environ if env is None else env
         known = {
@@ -56,6 +68,12 @@ class EngineConfig:
             "num_threads",
             "max_adapter_bytes",
             "merged_model",
+            "batching",
+            "max_batch_rows",
+            "max_kv_tokens",
+            "prefill_chunk",
+            "max_waiting_requests",
+            "queue_timeout_ms",
         }
         problems = [f"unknown parameter {k!r}" for k in params if k not in known]
         merged = params.get("merged_model", "")
@@ -80,6 +98,9 @@ class EngineConfig:
         dtype = params.get("dtype", "auto") or "auto"
         if dtype != "auto" and dtype not in DTYPES:
             problems.append(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+        batching = params.get("batching", "continuous") or "continuous"
+        if batching not in BATCHING:
+            problems.append(f"batching must be one of {list(BATCHING)}, got {batching!r}")
 
         def integer(key: str, default: int, minimum: int) -> int:
             raw = params.get(key, "")
@@ -110,6 +131,12 @@ class EngineConfig:
             limits=limits,
             num_threads=integer("num_threads", 0, 0),
             max_adapter_bytes=integer("max_adapter_bytes", DEFAULT_MAX_ADAPTER_BYTES, 1),
+            batching=batching,
+            max_batch_rows=integer("max_batch_rows", 16, 1),
+            max_kv_tokens=integer("max_kv_tokens", 0, 0),
+            prefill_chunk=integer("prefill_chunk", 512, 1),
+            max_waiting_requests=integer("max_waiting_requests", 128, 1),
+            queue_timeout_ms=integer("queue_timeout_ms", 10_000, 0),
         )
         if problems:
             raise ConfigError("multi-adapter model configuration", problems)

@@ -1,15 +1,16 @@
-"""The engine: one frozen base model, its adapter bank, and batched generation for mixed requests.
+"""The engine: one frozen base model, its adapter bank, and continuous batching over mixed requests.
 
-`Engine.generate` takes a list of requests (each with its own adapter and sampling parameters) and
-returns one outcome per request, in order: a result, or the RequestError that failed that request
-alone. All valid requests run together through one batched generation.
+`Engine.submit` validates one request and hands it to the engine loop (its own thread, `loop.py`), which
+admits it into the running batch at the next step and tells its listener about every token and the end.
+`Engine.generate` takes a list of requests and returns one outcome per request, in order: a result, or the
+RequestError that failed that request alone. Rows of every adapter and the bare base share each step.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +25,12 @@ from .bottleneck_loading import load_bottleneck_adapter
 from .config import EngineConfig
 from .errors import AdapterLoadError, AdapterNotFound, InvalidRequest, RequestError
 from .generation import Batch, RowRequest, forward_logits, generate_rows, left_pad
+from .loop import EngineLoop, SequenceListener
 from .lora_loading import load_lora_adapter
 from .merged_variant import MergedInfo
 from .sampling import SamplingParams
+from .scheduler import Scheduler, SchedulerLimits, StepResult
+from .scheduler import Sequence as LoopSequence
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,42 @@ class GenerationResult:
     adapter_id: str
     adapter_version: str
     finish_reason: str
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A request in the loop: its sequence (tokens so far, finish reason) and the adapter serving it."""
+
+    seq: LoopSequence
+    entry: BankEntry
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            list(self.seq.tokens), self.entry.adapter_id, self.entry.version, self.seq.finish_reason
+        )
+
+
+class _Collector:
+    """A listener that lets `generate` wait for its sequences; errors by sequence."""
+
+    def __init__(self) -> None:
+        self.errors: dict[int, Exception] = {}
+        self._done = 0
+        self._cond = threading.Condition()
+
+    def on_tokens(self, seq: LoopSequence, tokens: list[int]) -> None:
+        pass
+
+    def on_finish(self, seq: LoopSequence, error: Exception | None) -> None:
+        with self._cond:
+            if error is not None:
+                self.errors[id(seq)] = error
+            self._done += 1
+            self._cond.notify_all()
+
+    def wait(self, count: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._done >= count)
 
 
 class Engine:
@@ -80,7 +120,21 @@ class Engine:
         # A merged-weight variant serves one adapter folded into `model`, as the base slot.
         self.merged: MergedInfo | None = MergedInfo.load(config.base_model) if config.merged else None
         self._seeds = np.random.default_rng()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the model's one user at a time: a loop step, or a direct forward
+        self.scheduler = Scheduler(
+            model,
+            self.bank.routing,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            device=device,
+            limits=SchedulerLimits(
+                max_rows=config.max_batch_rows,
+                max_kv_tokens=config.max_kv_tokens or config.max_batch_rows * self.context_window,
+                prefill_chunk=config.prefill_chunk,
+                queue_timeout_s=config.queue_timeout_ms / 1000,
+            ),
+        )
+        self.loop: EngineLoop | None = None
 
     @classmethod
     def load(cls, config: EngineConfig, device: torch.device | str = "cpu") -> Engine:
@@ -160,7 +214,8 @@ class Engine:
             raise AdapterNotFound(adapter_id, refused_because=self.refused[adapter_id])
         return self.bank.resolve(adapter_id)
 
-    def _prepare(self, request: GenerationRequest) -> tuple[RowRequest, BankEntry]:
+    def prepare(self, request: GenerationRequest) -> tuple[RowRequest, BankEntry]:
+        """Validate `request` into a row for the loop, and the entry serving it. Raises RequestError."""
         entry = self.resolve(request.adapter_id)
         n_prompt = len(request.input_ids)
         if n_prompt == 0:
@@ -185,17 +240,85 @@ class Engine:
             max_new_tokens=budget,
             fallback_seed=int(self._seeds.integers(0, 2**63)),
         )
+        if not self.scheduler.fits_alone(row):
+            raise InvalidRequest(
+                f"the prompt's {n_prompt} tokens plus max_tokens {budget} exceed the engine's KV budget of "
+                f"{self.scheduler.limits.max_kv_tokens} tokens (max_kv_tokens)"
+            )
         return row, entry
 
+    def start_loop(
+        self, on_step: Callable[[StepResult, int, int], None] = lambda result, waiting, running: None
+    ) -> EngineLoop:
+        """Start the engine loop's thread; `submit` and `generate` then go through it."""
+        if self.loop is None:
+            self.loop = EngineLoop(self.scheduler, self._lock, on_step, self.config.max_waiting_requests)
+            self.loop.start()
+        return self.loop
+
+    def stop_loop(self, error: Exception | None = None) -> None:
+        """Stop the loop; every request not yet answered ends with `error` (default: UNAVAILABLE)."""
+        if self.loop is not None:
+            self.loop.stop(error)
+            self.loop = None
+
+    def submit(
+        self, request: GenerationRequest, listener_for: Callable[[BankEntry], SequenceListener]
+    ) -> Submitted:
+        """Validate `request` and queue it in the running loop, heard by `listener_for(its adapter entry)`.
+        Raises RequestError (nothing queued)."""
+        if self.loop is None:
+            raise RuntimeError("the engine loop is not running (start_loop)")
+        row, entry = self.prepare(request)
+        seq = self.scheduler.sequence(row)
+        self.loop.submit(seq, listener_for(entry))
+        return Submitted(seq, entry)
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | RequestError]:
-        """One outcome per request, in order. Invalid requests fail alone; the rest share one batch."""
+        """One outcome per request, in order. Invalid requests fail alone; the rest are batched together
+        (through the running loop, with whatever else runs, or by stepping the loop's scheduler here)."""
+        if self.config.batching == "request":
+            return self._generate_to_the_end(requests)
+        outcomes: list[GenerationResult | RequestError | None] = [None] * len(requests)
+        waiter = _Collector()
+        submitted: list[tuple[int, Submitted]] = []
+        for i, request in enumerate(requests):
+            try:
+                if self.loop is not None:
+                    submitted.append((i, self.submit(request, lambda entry: waiter)))
+                else:
+                    row, entry = self.prepare(request)
+                    submitted.append((i, Submitted(self.scheduler.sequence(row), entry)))
+            except RequestError as exc:
+                outcomes[i] = exc
+        if self.loop is None:
+            with self._lock:
+                for _, item in submitted:
+                    self.scheduler.add(item.seq)
+                try:
+                    while not all(item.seq.finished for _, item in submitted):
+                        self.scheduler.step()
+                except BaseException:
+                    self.scheduler.drain()
+                    raise
+        else:
+            waiter.wait(len(submitted))
+        for i, item in submitted:
+            error = waiter.errors.get(id(item.seq))
+            outcomes[i] = error if error is not None else item.result()
+        return outcomes  # type: ignore[return-value]
+
+    def _generate_to_the_end(
+        self, requests: Sequence[GenerationRequest]
+    ) -> list[GenerationResult | RequestError]:
+        """Request-level batching: one batch of these requests, generated until its last row ends."""
         outcomes: list[GenerationResult | RequestError | None] = [None] * len(requests)
         rows: list[RowRequest] = []
         entries: list[BankEntry] = []
         positions: list[int] = []
         for i, request in enumerate(requests):
             try:
-                row, entry = self._prepare(request)
+                row, entry = self.prepare(request)
             except RequestError as exc:
                 outcomes[i] = exc
                 continue

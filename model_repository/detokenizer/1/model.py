@@ -9,13 +9,16 @@ _SRC = os.environ.get("MULTIADAPTER_BACKEND_SRC") or str(Path(__file__).resolve(
 sys.path.insert(0, _SRC)
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from triton_boundary import (  # noqa: E402
-    bytes_tensor,
-    error_response,
-    route_logging_to_triton,
-    text_codec,
-    token_ids,
-)
+from light_imports import without_torch  # noqa: E402
+
+with without_torch():  # this step only tokenizes: it starts in a second without torch
+    from triton_boundary import (  # noqa: E402
+        bytes_tensor,
+        error_response,
+        route_logging_to_triton,
+        text_codec,
+        token_ids,
+    )
 
 
 class TritonPythonModel:

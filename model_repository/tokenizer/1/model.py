@@ -9,14 +9,17 @@ _SRC = os.environ.get("MULTIADAPTER_BACKEND_SRC") or str(Path(__file__).resolve(
 sys.path.insert(0, _SRC)
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from multiadapter.errors import RequestError  # noqa: E402
-from triton_boundary import (  # noqa: E402
-    error_response,
-    ids_tensor,
-    required_bytes,
-    route_logging_to_triton,
-    text_codec,
-)
+from light_imports import without_torch  # noqa: E402
+
+with without_torch():  # this step only tokenizes: it starts in a second without torch
+    from multiadapter.errors import RequestError  # noqa: E402
+    from triton_boundary import (  # noqa: E402
+        error_response,
+        ids_tensor,
+        required_bytes,
+        route_logging_to_triton,
+        text_codec,
+    )
 
 
 class TritonPythonModel:

@@ -1,0 +1,5 @@
+"""Environment variables the launcher (`python -m server`) sets for the models. No torch here: the tokenizer
+and detokenizer steps read them in processes that never import torch."""
+
+ENV_BASE_MODEL = "MULTIADAPTER_BASE_MODEL"
+ENV_ADAPTER_DIR = "MULTIADAPTER_ADAPTER_DIR"
