@@ -102,3 +102,17 @@ def build_mixed_family(kind: str, root: Path) -> MixedFamily:
     return MixedFamily(
         kind, base_dir, root / "adapters", tuple(BOTTLENECK_ADAPTERS), tuple(LORA_ADAPTERS[kind]), oracle
     )
+
+
+def lora_reference_model(family: MixedFamily) -> torch.nn.Module:
+    """PEFT over the family's base holding every LoRA adapter of the family, in eval mode (the oracle for
+    LoRA rows; `adapter_names=[...]` picks each row's)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(family.base_dir)
+    first, *rest = family.lora_ids
+    model = PeftModel.from_pretrained(base, family.adapter_dir / first, adapter_name=first)
+    for adapter_id in rest:
+        model.load_adapter(family.adapter_dir / adapter_id, adapter_name=adapter_id)
+    return model.eval()

@@ -18,10 +18,8 @@ import torch
 from multiadapter.config import EngineConfig
 from multiadapter.engine import Engine, GenerationRequest, GenerationResult
 from multiadapter.scheduler import CANCELLED, LENGTH, STOP, Scheduler, SchedulerLimits, Sequence
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
-from tests.adapterhub_factories import build_mixed_family
+from tests.adapterhub_factories import build_mixed_family, lora_reference_model
 from tests.test_fidelity_adapterhub import PROMPTS, reference_logits
 
 SCHEDULES = 10
@@ -40,12 +38,7 @@ def engine(family):
 
 @pytest.fixture(scope="module")
 def lora_reference(family):
-    base = AutoModelForCausalLM.from_pretrained(family.base_dir)
-    first, *rest = family.lora_ids
-    model = PeftModel.from_pretrained(base, family.adapter_dir / first, adapter_name=first)
-    for adapter_id in rest:
-        model.load_adapter(family.adapter_dir / adapter_id, adapter_name=adapter_id)
-    return model.eval()
+    return lora_reference_model(family)
 
 
 @pytest.fixture(scope="module")

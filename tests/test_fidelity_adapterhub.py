@@ -6,10 +6,8 @@ import pytest
 import torch
 from multiadapter.config import EngineConfig
 from multiadapter.engine import Engine, GenerationRequest
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
-from tests.adapterhub_factories import build_mixed_family
+from tests.adapterhub_factories import build_mixed_family, lora_reference_model
 from tests.peft_factories import EOS
 
 PROMPTS = [
@@ -39,12 +37,7 @@ def engine(family):
 
 @pytest.fixture(scope="module")
 def lora_reference(family):
-    base = AutoModelForCausalLM.from_pretrained(family.base_dir)
-    first, *rest = family.lora_ids
-    model = PeftModel.from_pretrained(base, family.adapter_dir / first, adapter_name=first)
-    for adapter_id in rest:
-        model.load_adapter(family.adapter_dir / adapter_id, adapter_name=adapter_id)
-    return model.eval()
+    return lora_reference_model(family)
 
 
 def mixed_ids(family) -> list[str]:
