@@ -271,6 +271,14 @@ def _url_flag(config: ServerConfig) -> list[str]:
     return [] if config.http_port == 8000 else ["--url", config.http_url]
 
 
+def _reap(server: ServerProcess) -> int:
+    """Wait for tritonserver, then kill what is left of its process group (stubs orphaned by a crash on the
+    way out); its shell-style exit status."""
+    returncode = server.wait()
+    server.kill()
+    return exit_status(returncode)
+
+
 def exit_status(returncode: int) -> int:
     """A shell-style exit status for a child's return code (killed by signal N -> 128 + N)."""
     return 128 - returncode if returncode < 0 else returncode
@@ -345,16 +353,16 @@ def run(
             server.wait_ready(ready_timeout_s)
         except ServerStartError as exc:
             if forwarder.received is not None:
-                return exit_status(server.wait())
+                return _reap(server)
             server.stop()
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_NOT_READY
         if forwarder.received is not None:
-            return exit_status(server.wait())
+            return _reap(server)
         banner = format_banner(server.config, discover_adapter_ids(server.config.adapter_dir), merged)
         print(banner, flush=True)
         if policy is None:
-            return exit_status(server.wait())
+            return _reap(server)
         supervisor = Supervisor(
             server,
             policy,

@@ -273,13 +273,19 @@ class Supervisor:
             self._clean_shared_memory()
 
     def _exit_status(self) -> int:
-        """tritonserver's exit status once it has stopped; killed if it outlives its own exit timeout."""
+        """tritonserver's exit status once it has stopped; killed if it outlives its own exit timeout.
+
+        Its process group is killed either way: a tritonserver that crashed on its way out leaves its stubs
+        running as orphans.
+        """
         patience = self.server.config.exit_timeout_secs + STOP_MARGIN_S
         try:
-            return self.server.wait(patience)
+            returncode = self.server.wait(patience)
         except subprocess.TimeoutExpired:
             LOG.error("tritonserver still runs %.0f s after it was asked to stop; killing it", patience)
             return self.server.kill()
+        self.server.kill()
+        return returncode
 
     def _tick(self) -> None:
         faults = self.stubs.poll(list_stubs(self.server.pid), is_loaded=self.control.is_ready)
