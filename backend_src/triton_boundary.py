@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,6 +141,8 @@ class ServingMetrics:
     `multiadapter_engine_requests` are what the launcher's supervisor reads as the loop's progress.
     """
 
+    FLUSH_INTERVAL_S = 0.25
+
     def __init__(self, model_name: str):
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         batches = pb_utils.MetricFamily(
@@ -174,6 +177,10 @@ class ServingMetrics:
         self._steps = steps.Metric(labels=labels)
         self._requests = {s: requests.Metric(labels={**labels, "state": s}) for s in ("waiting", "running")}
         self._last_requests: dict[str, int] = {}
+        # Each update is a round trip to the Triton process: the loop's per-step counts are added up here and
+        # sent at most every FLUSH_INTERVAL_S, and whenever the loop goes idle (so idle values are exact).
+        self._pending = {"steps": 0, "mixed": 0, "uniform": 0, "rows": 0}
+        self._flushed_at = time.monotonic()
 
     def record_batch(self, rows: int, adapters: int) -> None:
         """A batch of `rows` rows over `adapters` distinct adapters (the base counts as one)."""
@@ -183,8 +190,19 @@ class ServingMetrics:
 
     def record_step(self, result: StepResult, waiting: int, running: int) -> None:
         """One step of the engine loop, and how many requests it holds afterwards."""
-        self._safely(self._steps.increment, 1)
-        self.record_batch(result.rows, result.adapters)
+        pending = self._pending
+        pending["steps"] += 1
+        if result.rows:
+            pending["mixed" if result.adapters > 1 else "uniform"] += 1
+            pending["rows"] += result.rows
+        idle = waiting == 0 and running == 0
+        if not idle and time.monotonic() - self._flushed_at < self.FLUSH_INTERVAL_S:
+            return
+        self._flushed_at = time.monotonic()
+        for name, metric in (("steps", self._steps), ("rows", self._rows), *self._batches.items()):
+            if pending[name]:
+                self._safely(metric.increment, pending[name])
+                pending[name] = 0
         for state, count in (("waiting", waiting), ("running", running)):
             if self._last_requests.get(state) != count:
                 self._last_requests[state] = count

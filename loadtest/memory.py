@@ -17,20 +17,21 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from server.stubs import parse_stub_cmdline
+
 MIB = 1024 * 1024
 GROWTH_GOAL_PERCENT_PER_HOUR = 5.0
 
 
 def process_label(process: psutil.Process) -> str:
-    """`tritonserver`, a Python stub by its model (`adapter_lm`, from .../<model>/1/model.py), or the name."""
+    """`tritonserver`, a Python stub by its model (`adapter_lm`), or the process name."""
     try:
         cmdline = process.cmdline()
         name = process.name()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "gone"
-    if "triton_python_backend_stub" in name and len(cmdline) > 1:
-        return Path(cmdline[1]).parent.parent.name
-    return name
+    stub = parse_stub_cmdline(process.pid, cmdline, "")
+    return stub.model if stub is not None else name
 
 
 def tree_rss(root_pid: int) -> dict[str, int]:

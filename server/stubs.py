@@ -110,17 +110,3 @@ def remove_shm_regions(names: Iterable[str], shm_dir: Path = SHM_DIR) -> list[st
             path.unlink()
             removed.append(name)
     return removed
-
-
-def resident_bytes(server_pid: int) -> int:
-    """Resident memory of tritonserver and every live child (the stubs), in bytes."""
-    total = 0
-    try:
-        server = psutil.Process(server_pid)
-        processes = [server, *server.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
-            total += process.memory_info().rss
-    return total

@@ -136,3 +136,29 @@ print("torch" in sys.modules, os.environ.get("USE_TORCH"))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False None", result.stdout + result.stderr  # nothing inherits USE_TORCH
+
+
+def test_loop_metrics_reach_triton_in_batches_and_exactly_when_idle(monkeypatch):
+    """Each metric update is a round trip to Triton: busy steps are summed, and sent when the loop idles."""
+    from multiadapter.scheduler import StepResult
+
+    with fake_triton.installed() as pb:
+        from triton_boundary import ServingMetrics
+
+        metrics = ServingMetrics("m")
+        family = pb.MetricFamily.families
+
+        def value(name: str, **labels: str) -> float:
+            return sum(m.value for m in family[name].metrics if labels.items() <= m.labels.items())
+
+        monkeypatch.setattr(ServingMetrics, "FLUSH_INTERVAL_S", 3600.0)
+        metrics._flushed_at = time.monotonic()  # noqa: SLF001  (a flush just happened)
+        for _ in range(5):
+            metrics.record_step(StepResult(rows=3, adapters=2), waiting=1, running=3)
+        assert value("multiadapter_engine_steps_total") == 0  # busy: held back
+        metrics.record_step(StepResult(rows=1, adapters=1), waiting=0, running=0)
+        assert value("multiadapter_engine_steps_total") == 6
+        assert value("multiadapter_batches_total", composition="mixed") == 5
+        assert value("multiadapter_batches_total", composition="uniform") == 1
+        assert value("multiadapter_batch_rows_total") == 16
+        assert value("multiadapter_engine_requests", state="running") == 0

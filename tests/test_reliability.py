@@ -30,12 +30,11 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from client.api import AdapterClient, GenerateRequest, GenerateResult, RequestFailed, build_inputs, error_code
 from loadtest.local_server import LocalServer, local_server
-from loadtest.traffic import DEMO_ACCURACY_FILE, DEMO_TASKS_FILE, DemoContract
+from loadtest.memory import tree_rss
+from loadtest.traffic import TrafficConfig, TrafficPlan
 from server.process import STOP_MARGIN_S
-from server.stubs import SHM_DIR, Stub, list_stubs, resident_bytes
+from server.stubs import SHM_DIR, Stub, list_stubs
 from tests.conftest import ROOT
-from training.prompts import evaluation_prompts
-from training.tasks import get_task
 
 HANG_REPOSITORY = ROOT / "tests" / "fixtures" / "hang_repository"
 HANG_TIMEOUT_S = 4
@@ -60,19 +59,15 @@ class Probe:
 
 def demo_probes(n: int, seed: int) -> list[Probe]:
     """``n`` greedy requests spread over every demo adapter and the base, on held-out prompts each one
-    answers right (the accuracy table's misses left out)."""
-    contract = DemoContract.load(DEMO_TASKS_FILE, DEMO_ACCURACY_FILE)
+    answers right: the load test's own prompt pools and oracle (the accuracy table's misses left out)."""
+    plan = TrafficPlan.load(TrafficConfig())
     rng = np.random.default_rng(seed)
-    prompts = evaluation_prompts(1000)
-    targets = sorted(contract.tasks)
+    targets = sorted(plan.targets)
     probes = []
     for i in range(n):
         adapter = targets[i % len(targets)]
-        pool = [p for p in prompts if p not in contract.misses.get(adapter, frozenset())]
-        prompt = pool[int(rng.integers(len(pool)))]
-        probes.append(
-            Probe(GenerateRequest(prompt, adapter), get_task(contract.tasks[adapter]).apply(prompt))
-        )
+        prompt = plan.pools[adapter].draw(rng)
+        probes.append(Probe(GenerateRequest(prompt, adapter), plan.answer(adapter, prompt)))
     return probes
 
 
@@ -159,7 +154,8 @@ class Baseline:
 def baseline(served: Supervised) -> Baseline:
     live = [s for s in served.stubs() if not s.dead and not s.stopped]
     regions = {s.shm_region for s in live} & shm_regions()
-    return Baseline(len(live), len(regions), frozenset(stale_regions()), resident_bytes(served.server_pid()))
+    rss = sum(tree_rss(served.local.launcher_pid).values())  # tritonserver and its stubs
+    return Baseline(len(live), len(regions), frozenset(stale_regions()), rss)
 
 
 def assert_back_to(served: Supervised, before: Baseline) -> None:
