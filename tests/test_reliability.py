@@ -175,10 +175,12 @@ def assert_back_to(served: Supervised, before: Baseline) -> None:
     assert now.rss <= before.rss * RSS_SLACK, (now.rss, before.rss)
 
 
-def health(served: Supervised, protocol: str = "http") -> subprocess.CompletedProcess[str]:
+def health(
+    served: Supervised, protocol: str = "http", timeout_s: float = 20
+) -> subprocess.CompletedProcess[str]:
     """`python -m client health` against the supervised server, as a user runs it."""
     url = served.http_url if protocol == "http" else served.grpc_url
-    command = [sys.executable, "-m", "client", "health", "--url", url, "--timeout", "20"]
+    command = [sys.executable, "-m", "client", "health", "--url", url, "--timeout", str(timeout_s)]
     if protocol == "grpc":
         command.append("--grpc")
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -207,12 +209,18 @@ def wait_exact(served: Supervised, probes: Sequence[Probe], since: float, model:
 
 @pytest.fixture
 def healthy(supervised) -> Supervised:
-    """The supervised server, healthy (every canary passes) before the test starts."""
+    """The supervised server, healthy (every canary passes) and settled (one live stub per instance: a
+    stand-in or a replaced stub of an earlier heal is gone) before the test starts."""
     deadline = time.monotonic() + 120
     while (result := health(supervised)).returncode != 0:
         assert time.monotonic() < deadline, result.stdout + result.stderr
         time.sleep(1)
-    return supervised
+    while True:
+        instances = [s.instance for s in supervised.stubs() if not s.dead and not s.stopped]
+        if len(instances) == len(set(instances)):
+            return supervised
+        assert time.monotonic() < deadline, instances
+        time.sleep(0.25)
 
 
 # --- load with a ledger ----------------------------------------------------------------------------------
@@ -339,7 +347,8 @@ def test_killed_and_stopped_stubs_idle_fail_health_then_heal_in_place(healthy):
     os.kill(detokenizer.pid, signal.SIGSTOP)
     fault = time.monotonic()
 
-    result = health(healthy)
+    # A short canary timeout: a canary queued behind the stopped detokenizer must fail before the heal.
+    result = health(healthy, timeout_s=2)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "unhealthy: generate, generate_merged_upper" in result.stderr  # both go through the two steps
 
