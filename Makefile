@@ -17,6 +17,7 @@ METRICS_PORT ?= 8002
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 SERVING_BENCH_ARGS ?=
+CONTINUOUS_BENCH_ARGS ?=
 # Load test (python -m loadtest; traffic options in LOADTEST_ARGS, e.g. LOADTEST_ARGS='--popularity zipf:1.2').
 HOST ?= 127.0.0.1
 USERS ?= 16
@@ -87,6 +88,7 @@ lint: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	$(VENV_PY) -m bench $(BENCH_ARGS)
 	$(VENV_PY) -m bench.serving $(SERVING_BENCH_ARGS)
+	$(VENV_PY) -m bench.continuous $(CONTINUOUS_BENCH_ARGS)
 
 # Locust against a running server (HOST, HTTP_PORT, GRPC_PORT); every answer checked; reports in build/loadtest/.
 loadtest: $(VENV_STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,32 +19,55 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from multiadapter.environment import ENV_BASE_MODEL
 from multiadapter.errors import ErrorKind, InvalidRequest, RequestError
-from multiadapter.tokenization import TextCodec
 
-if TYPE_CHECKING:  # the tokenizer steps never import torch; only the LM models need these
+if TYPE_CHECKING:  # the tokenizer steps never import torch, and `generate` not even transformers
     import torch
     from multiadapter.scheduler import StepResult
+    from multiadapter.tokenization import TextCodec
 
 # Attribute names, resolved at call time: the stub attaches TritonError to the module after import.
 _CODES = {
     ErrorKind.INVALID_ARG: "INVALID_ARG",
     ErrorKind.NOT_FOUND: "NOT_FOUND",
     ErrorKind.UNAVAILABLE: "UNAVAILABLE",
+    ErrorKind.CANCELLED: "CANCELLED",
     ErrorKind.INTERNAL: "INTERNAL",
 }
 
 
-def error_response(exc: Exception) -> pb_utils.InferenceResponse:
-    """A response that fails one request with the Triton code of `exc` (INTERNAL if untyped)."""
+# Triton 2.51 hands a BLS caller every error as INTERNAL and streams errors without their code (gRPC stream,
+# SSE). `generate_stream` starts its messages with the code, "[NOT_FOUND] adapter 'x' is not loaded", and
+# its front `generate` restores the code from it (`untagged_error`); stream clients read it too.
+_TAGGED = re.compile(r"\[([A-Z_]+)\] (.*)", re.DOTALL)
+
+
+def error_response(exc: Exception, *, tag_code: bool = False) -> pb_utils.InferenceResponse:
+    """A response that fails one request with the Triton code of `exc` (INTERNAL if untyped); with
+    `tag_code`, the message also starts with the code's name (for `untagged_error`)."""
     if isinstance(exc, RequestError):
-        code = getattr(pb_utils.TritonError, _CODES[exc.kind])
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
+        name = _CODES[exc.kind]
+        message = f"[{name}] {exc}" if tag_code else str(exc)
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, name))
+        )
     logging.getLogger(__name__).exception("request failed with an unexpected error")
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError(
             f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL
         )
     )
+
+
+def untagged_error(message: str, code: int, callee: str) -> pb_utils.TritonError:
+    """A new error for a BLS answer's `message` and `code`: the code tagged in the message, when `callee`
+    tagged it. An untagged error comes from Triton, not from the callee's code: the callee is not loaded
+    (being restarted, or the server stops), which is UNAVAILABLE for the caller's client."""
+    match = _TAGGED.fullmatch(message)
+    if match and match.group(1) in _CODES.values():
+        return pb_utils.TritonError(match.group(2), getattr(pb_utils.TritonError, match.group(1)))
+    if code == pb_utils.TritonError.NOT_FOUND:
+        return pb_utils.TritonError(f"{callee} is not available: {message}", pb_utils.TritonError.UNAVAILABLE)
+    return pb_utils.TritonError(message, code)
 
 
 def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
@@ -223,5 +247,10 @@ class ServingMetrics:
 
 def text_codec(args: Mapping[str, str]) -> TextCodec:
     """The base model's tokenizer for the tokenizer / detokenizer steps ($MULTIADAPTER_BASE_MODEL first)."""
+    from light_imports import without_torch
+
+    with without_torch():  # the tokenizer steps start without torch (no effect where it is loaded)
+        from multiadapter.tokenization import TextCodec
+
     base = os.environ.get(ENV_BASE_MODEL) or model_parameters(args).get("base_model", "")
     return TextCodec.load(Path(base))

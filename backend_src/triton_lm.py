@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import triton_python_backend_utils as pb_utils
 from multiadapter.adapter_ids import decode_adapter_id
 from multiadapter.bank import BankEntry
 from multiadapter.config import EngineConfig
-from multiadapter.engine import Engine, GenerationRequest, GenerationResult
+from multiadapter.engine import GenerationRequest, GenerationResult, load_engine
 from multiadapter.errors import RequestError
+from multiadapter.loop import TorchThread
 from multiadapter.scheduler import Sequence
 from triton_boundary import (
     ServingMetrics,
@@ -84,13 +84,13 @@ class TritonPythonModel:
     def initialize(self, args):
         route_logging_to_triton()
         config = EngineConfig.from_parameters(model_parameters(args))
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        self.engine = Engine.load(config, instance_device(args))
+        # All torch work (the load, then every step) on one thread; see TorchThread.
+        self.torch_thread = TorchThread("engine")
+        self.engine = self.torch_thread.call(lambda: load_engine(config, instance_device(args)))
         self.metrics = ServingMetrics(args["model_name"])
         if config.batching == "continuous":
             # Requests are answered later, from the loop's thread; execute() only validates and queues.
-            self.engine.start_loop(on_step=self.metrics.record_step)
+            self.engine.start_loop(on_step=self.metrics.record_step, thread=self.torch_thread)
         self._log_start(config)
 
     def _log_start(self, config):
@@ -150,7 +150,8 @@ class TritonPythonModel:
                 outcomes[i] = exc
         self.metrics.record_batch(len(parsed), len({p.adapter_id for p in parsed}))
         try:
-            for i, outcome in zip(positions, self.engine.generate(parsed), strict=True):
+            generated = self.torch_thread.call(lambda: self.engine.generate(parsed))
+            for i, outcome in zip(positions, generated, strict=True):
                 outcomes[i] = outcome
         except Exception as exc:  # a model-wide failure still answers every request once
             for i in positions:
@@ -166,4 +167,5 @@ class TritonPythonModel:
     def finalize(self):
         # Whatever is still queued or running ends with UNAVAILABLE: every request gets its one answer.
         self.engine.stop_loop()
+        self.torch_thread.stop()
         self.engine = None

@@ -181,7 +181,7 @@ class Memory:
 def resident_memory(adapters: Sequence[str], server_pid: int) -> Memory:
     """The bank's and each merged variant's serving process, of the tritonserver with ``server_pid``."""
     return Memory(
-        serving_process_rss("adapter_lm", server_pid),
+        serving_process_rss("generate_stream", server_pid),
         {a: serving_process_rss(f"merged_{a}", server_pid) for a in adapters},
     )
 
@@ -196,19 +196,19 @@ class Scenario:
     startup_s: float
 
 
-ADAPTER_LM_THREADS = 'parameters: { key: "num_threads" value: { string_value: "0" } }'
+ENGINE_THREADS = 'parameters: { key: "num_threads" value: { string_value: "0" } }'
 
 
 def single_threaded_repository(target: Path) -> Path:
-    """A copy of the project's model repository whose adapter_lm runs one torch thread. The copy's model.py
-    files find backend_src through $MULTIADAPTER_BACKEND_SRC, given to the server that serves it."""
+    """A copy of the project's model repository whose engine (generate_stream) runs one torch thread. The
+    copy's model.py files find backend_src through $MULTIADAPTER_BACKEND_SRC, given to its server."""
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(PROJECT_ROOT / "model_repository", target)
-    config = target / "adapter_lm" / "config.pbtxt"
+    config = target / "generate_stream" / "config.pbtxt"
     text = config.read_text()
-    if ADAPTER_LM_THREADS not in text:
+    if ENGINE_THREADS not in text:
         raise RuntimeError(f"{config}: no num_threads parameter to set")
-    config.write_text(text.replace(ADAPTER_LM_THREADS, ADAPTER_LM_THREADS.replace('"0"', '"1"')))
+    config.write_text(text.replace(ENGINE_THREADS, ENGINE_THREADS.replace('"0"', '"1"')))
     return target
 
 

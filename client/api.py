@@ -483,6 +483,18 @@ class AdapterClient:
             )
         return signatures
 
+    def is_decoupled(self, model: str) -> bool:
+        """Whether `model` is decoupled (it streams, and answers no plain infer): from its config."""
+        client = self._client()
+        with self._failures():
+            if self.protocol == "grpc":
+                config = client.get_model_config(model, as_json=True, **self._grpc_timeout()).get(
+                    "config", {}
+                )
+            else:
+                config = client.get_model_config(model)
+        return bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, metavar="S", help="per-request timeout in seconds"
     )
     gen.add_argument("--verbose", "-v", action="store_true", help="show adapter, version and latency in full")
+    gen.add_argument(
+        "--stream",
+        action="store_true",
+        help="print the text as it is generated (model generate_stream, gRPC streaming or HTTP SSE)",
+    )
 
     cmp = commands.add_parser(
         "compare",
@@ -115,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "generate" and args.stream and args.repeat is not None:
+        parser.error("--stream sends one request; leave out --repeat")
     if args.command == "generate" and args.repeat is None:
         if args.concurrency is not None:
             parser.error("--concurrency needs --repeat")
@@ -200,6 +207,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         if reason is not None:
             print(f"error: {reason}", file=sys.stderr)
             return EXIT_USAGE
+        if args.stream:
+            return _streamed(client, requests[0], args.model, args.verbose)
         if args.repeat is None:
             return _single(client, requests[0], args.verbose)
         start = time.perf_counter()
@@ -222,6 +231,45 @@ def _single(client: AdapterClient, request: GenerateRequest, verbose: bool) -> i
         print(
             f"adapter {_adapter_label(result.adapter_id)}  version {result.adapter_version or '-'}  "
             f"latency {result.latency_s * 1e3:.1f} ms",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _streamed(client: AdapterClient, request: GenerateRequest, model: str, verbose: bool) -> int:
+    from client.streaming import STREAM_MODEL, stream_generate
+
+    chunks = stream_generate(
+        client.url,
+        client.protocol,
+        request,
+        model=STREAM_MODEL if model == "generate" else model,
+        timeout_s=client.timeout_s,
+    )
+    first = last = None
+    try:
+        for chunk in chunks:
+            first = first or chunk
+            last = chunk
+            print(chunk.text, end="", flush=True)
+    except RequestFailed as failure:
+        print(
+            f"\nerror {failure.code}: {failure.message}"
+            if first
+            else f"error {failure.code}: {failure.message}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except KeyboardInterrupt:  # closing the stream cancels the request on the server
+        chunks.close()
+        print("\ncancelled", file=sys.stderr)
+        return EXIT_FAILED
+    print()
+    if verbose and first and last:
+        print(
+            f"adapter {_adapter_label(last.adapter_id)}  version {last.adapter_version or '-'}  "
+            f"first text {first.elapsed_s * 1e3:.1f} ms  total {last.elapsed_s * 1e3:.1f} ms  "
+            f"{last.generated_tokens} tokens  finish {last.finish_reason}",
             file=sys.stderr,
         )
     return EXIT_OK

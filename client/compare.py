@@ -24,7 +24,7 @@ from client.cli import percentile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BANK_ENSEMBLE = "generate"
-BANK_MODEL = "adapter_lm"
+BANK_MODEL = "generate_stream"
 PROMPT_ALPHABET = string.ascii_lowercase + " "
 
 

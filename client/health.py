@@ -3,7 +3,8 @@
 Triton 2.51 keeps answering 200 on `/v2/health/ready` while a model's Python stub is dead and every request
 to it fails, so readiness alone lies. A canary is a real request through the whole model: a short prompt on
 the bare base (adapter_id ""), greedy, one new token. Every model that takes the `generate` contract is
-checked: `generate` and each `generate_merged_<id>`, found from the server's own model list.
+checked: `generate` (which runs through the engine of `generate_stream`) and each `generate_merged_<id>`,
+found from the server's own model list.
 """
 
 from __future__ import annotations
@@ -55,12 +56,19 @@ def run_canary(client: AdapterClient, model: str) -> CanaryResult:
 
 
 def generate_models(client: AdapterClient) -> list[str]:
-    """Names of the loaded models that take the `generate` contract, sorted."""
-    return sorted(
-        name
-        for name, (inputs, outputs) in client.model_signatures().items()
-        if inputs >= CONTRACT_INPUTS and CONTRACT_OUTPUT in outputs
-    )
+    """Names of the loaded models that take the `generate` contract, sorted. Decoupled ones
+    (`generate_stream`) are left out: they answer no plain infer, and `generate`'s canary runs through
+    the engine `generate_stream` hosts."""
+    names = []
+    for name, (inputs, outputs) in client.model_signatures().items():
+        if inputs >= CONTRACT_INPUTS and CONTRACT_OUTPUT in outputs:
+            try:
+                decoupled = client.is_decoupled(name)
+            except RequestFailed:  # being unloaded meanwhile: not served
+                continue
+            if not decoupled:
+                names.append(name)
+    return sorted(names)
 
 
 def check(

@@ -24,7 +24,7 @@ GROWTH_GOAL_PERCENT_PER_HOUR = 5.0
 
 
 def process_label(process: psutil.Process) -> str:
-    """`tritonserver`, a Python stub by its model (`adapter_lm`), or the process name."""
+    """`tritonserver`, a Python stub by its model (`generate_stream`), or the process name."""
     try:
         cmdline = process.cmdline()
         name = process.name()

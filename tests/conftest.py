@@ -78,6 +78,7 @@ def _serve(log_dir: Path, base_model: Path, adapter_dir: Path, extra_repositorie
     server.stop()
     text = log_path.read_text(errors="replace")
     assert "is not healthy" not in text, "a Python stub died during the tests"
+    assert "Signal (11)" not in text and "Signal (6)" not in text, "tritonserver crashed during the tests"
 
 
 @pytest.fixture(scope="session")

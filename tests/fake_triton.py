@@ -53,21 +53,35 @@ class InferenceResponseSender:
 
     def __init__(self) -> None:
         self.sent: list[tuple[InferenceResponse | None, int]] = []
+        self.cancelled = False  # a test sets it: the client went away
 
     def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        if any(f == TRITONSERVER_RESPONSE_COMPLETE_FINAL for _, f in self.sent):
+            raise RuntimeError("a response was sent after the final one")
         self.sent.append((response, flags))
 
     def is_cancelled(self) -> bool:
-        return False
+        return self.cancelled
+
+    @property
+    def final(self) -> bool:
+        return any(f == TRITONSERVER_RESPONSE_COMPLETE_FINAL for _, f in self.sent)
 
 
 class InferenceRequest:
-    def __init__(self, inputs: list[Tensor]):
+    def __init__(self, inputs: list[Tensor], parameters: Mapping[str, Any] | None = None):
         self._inputs = inputs
+        self._parameters = json.dumps(dict(parameters or {}))
         self._sender = InferenceResponseSender()
 
     def inputs(self) -> list[Tensor]:
         return self._inputs
+
+    def parameters(self) -> str:
+        return self._parameters
+
+    def is_cancelled(self) -> bool:
+        return self._sender.cancelled
 
     def get_response_sender(self) -> InferenceResponseSender:
         return self._sender
@@ -187,11 +201,11 @@ def initialize_args(config_path: Path, parameters: Mapping[str, str]) -> dict[st
     }
 
 
-def request(**inputs: Any) -> InferenceRequest:
+def request(parameters: Mapping[str, Any] | None = None, **inputs: Any) -> InferenceRequest:
     """A request whose tensors are given as numpy arrays (or bytes / str for one-element BYTES inputs)."""
     tensors = []
     for name, value in inputs.items():
         if isinstance(value, str | bytes):
             value = np.array([[value.encode() if isinstance(value, str) else value]], dtype=np.object_)
         tensors.append(Tensor(name, value))
-    return InferenceRequest(tensors)
+    return InferenceRequest(tensors, parameters)

@@ -42,3 +42,24 @@ def test_quick_bench_writes_the_report(tmp_path: Path):
         assert result["rounds"] >= 1
         assert result["ratio"]["median"] > 0
         assert f"| {result['title']} |" in table
+
+
+def test_quick_continuous_batching_bench_writes_its_report(tmp_path: Path):
+    """Both engines in one real server, every request answered, identical greedy answers from both."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.continuous", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = (tmp_path / "continuous.md").read_text()
+    assert proc.stdout == table
+    assert "| continuous |" in table and "| request-level |" in table
+    data = json.loads((tmp_path / "continuous.json").read_text())
+    assert data["ok"] is True
+    runs = data["runs"]
+    assert len(runs["generate_stream"]["outcomes"]) == len(runs["generate_stream_request"]["outcomes"]) == 16
+    texts = [[o["text"] for o in run["outcomes"]] for run in runs.values()]
+    assert texts[0] == texts[1] and all(t is not None for t in texts[0])

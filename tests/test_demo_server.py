@@ -48,10 +48,10 @@ def burst_requests():
 def test_mixed_burst_every_answer_is_its_adapters_task(demo_server, burst_requests, protocol):
     url = demo_server.http_url if protocol == "http" else demo_server.grpc_url
     with AdapterClient(url, protocol=protocol, timeout_s=120) as client:
-        before = client.inference_statistics("adapter_lm")
+        before = client.inference_statistics("generate_stream")
         mixed_before = scrape(demo_server, "multiadapter_batches_total", composition="mixed")
         outcomes = client.generate_many(burst_requests, concurrency=16)
-        after = client.inference_statistics("adapter_lm")
+        after = client.inference_statistics("generate_stream")
     for request, outcome in zip(burst_requests, outcomes, strict=True):
         assert isinstance(outcome, GenerateResult), outcome
         assert outcome.text == get_task(TASKS[request.adapter_id]).apply(request.text), request

@@ -74,7 +74,7 @@ def test_another_adapter_id_on_a_merged_variant_is_invalid_arg_and_the_rest_is_s
 
 
 def test_each_path_has_its_own_serving_process(demo_server):
-    bank = serving_process_rss("adapter_lm", demo_server.pid)
+    bank = serving_process_rss("generate_stream", demo_server.pid)
     merged = serving_process_rss("merged_upper", demo_server.pid)
     assert bank is not None and merged is not None
     assert bank > 50 * 2**20 and merged > 50 * 2**20  # torch and a model are resident in each

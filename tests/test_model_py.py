@@ -17,41 +17,42 @@ REPO = ROOT / "model_repository"
 
 @pytest.fixture(scope="module", params=["continuous", "request"])
 def lm(tiny_model, request):
-    """adapter_lm's model.py with each batching mode: answered later by the engine loop, or at once."""
+    """generate_stream's model.py (the engine's host) with each batching mode: answered later by the engine
+    loop, or generated to the end inside execute()."""
     with fake_triton.installed() as pb:
-        model_cls = fake_triton.load_model_py(REPO / "adapter_lm" / "1" / "model.py")
+        model_cls = fake_triton.load_model_py(REPO / "generate_stream" / "1" / "model.py")
         model = model_cls()
         params = {
             "base_model": str(tiny_model.base_model),
             "adapter_dir": str(tiny_model.adapter_dir),
             "batching": request.param,
         }
-        model.initialize(fake_triton.initialize_args(REPO / "adapter_lm" / "config.pbtxt", params))
+        model.initialize(fake_triton.initialize_args(REPO / "generate_stream" / "config.pbtxt", params))
         yield model, pb
         model.finalize()
 
 
-def answers(model, requests) -> list:
-    """The one final response of each request, whether execute returned them or the loop sent them."""
-    returned = model.execute(requests)
-    if returned is not None:
-        assert len(returned) == len(requests)
-        return returned
+def sent_until_final(model, requests) -> list[list]:
+    """Every response each request got, once each has its final one (and no more come)."""
+    assert model.execute(requests) is None  # decoupled: everything goes through the response senders
     deadline = time.monotonic() + 60
-    while not all(r.get_response_sender().sent for r in requests):
+    while not all(r.get_response_sender().final for r in requests):
         assert time.monotonic() < deadline, "a request was never answered"
         time.sleep(0.01)
-    time.sleep(0.05)  # a second response would arrive now
+    time.sleep(0.05)  # a response after the final one would raise in the fake sender now
+    return [[response for response, _ in r.get_response_sender().sent] for r in requests]
+
+
+def answers(model, requests) -> list:
+    """The one final response of each request (requests sent with stream false)."""
     responses = []
-    for request in requests:
-        sent = request.get_response_sender().sent
-        assert len(sent) == 1 and sent[0][1] == fake_triton.TRITONSERVER_RESPONSE_COMPLETE_FINAL, sent
-        responses.append(sent[0][0])
+    for sent in sent_until_final(model, requests):
+        assert len(sent) == 1, sent
+        responses.append(sent[0])
     return responses
 
 
-def ids(*values: int) -> np.ndarray:
-    return np.array([list(values)], dtype=np.int32)
+ONE_ANSWER = np.array([[False]], dtype=np.bool_)
 
 
 def test_one_response_per_request_in_order_with_typed_errors(lm, tiny_model):
@@ -59,19 +60,23 @@ def test_one_response_per_request_in_order_with_typed_errors(lm, tiny_model):
     adapter = tiny_model.adapter_ids[0]
     requests = [
         fake_triton.request(
-            input_ids=ids(1, 104, 105, 3), adapter_id=adapter, max_tokens=np.array([[3]], np.int32)
+            text_input="hi", adapter_id=adapter, max_tokens=np.array([[3]], np.int32), stream=ONE_ANSWER
         ),
-        fake_triton.request(input_ids=ids(1, 104, 3), adapter_id="missing"),
-        fake_triton.request(input_ids=ids(1, 104, 3), adapter_id="", max_tokens=np.array([[1, 2]], np.int32)),
-        fake_triton.request(input_ids=ids(1, 104, 3), adapter_id=""),
+        fake_triton.request(text_input="hi", adapter_id="missing", stream=ONE_ANSWER),
+        fake_triton.request(
+            text_input="hi", adapter_id="", max_tokens=np.array([[1, 2]], np.int32), stream=ONE_ANSWER
+        ),
+        fake_triton.request(text_input="hi", adapter_id="", stream=ONE_ANSWER),
     ]
     responses = answers(model, requests)
     assert not responses[0].has_error()
-    assert responses[0].output("output_ids").shape[1] <= 3
-    assert responses[0].output("served_adapter_id")[0, 0] == adapter.encode()
+    assert 1 <= responses[0].output("generated_tokens")[0, 0] <= 3
+    assert responses[0].output("adapter_id")[0, 0] == adapter.encode()
     assert responses[0].output("adapter_version")[0, 0].startswith(b"sha256:")
-    assert responses[0].output("generated_tokens")[0, 0] == responses[0].output("output_ids").shape[1]
+    assert responses[0].output("finish_reason")[0, 0] in (b"stop", b"length")
     assert responses[1].error().code() == pb.TritonError.NOT_FOUND
+    # Triton 2.51 streams errors without their code: the message carries it.
+    assert responses[1].error().message().startswith("[NOT_FOUND] adapter 'missing'")
     assert responses[2].error().code() == pb.TritonError.INVALID_ARG
     assert "exactly one element" in responses[2].error().message()
     assert not responses[3].has_error() and responses[3].output("adapter_version")[0, 0] == b""
@@ -87,6 +92,52 @@ def test_one_response_per_request_in_order_with_typed_errors(lm, tiny_model):
     assert errors["NOT_FOUND"] >= 1 and errors["INVALID_ARG"] >= 1
 
 
+def test_streamed_deltas_join_to_the_one_answer(lm, tiny_model):
+    """Many responses, only the last one final and with a finish reason; their text joins to the answer
+    the same request gets in one response (request-level batching answers once either way)."""
+    model, _ = lm
+    adapter = tiny_model.adapter_ids[1]
+    prompts = ["héllo", "a longer prompt €", "x"]
+    single = answers(
+        model, [fake_triton.request(text_input=p, adapter_id=adapter, stream=ONE_ANSWER) for p in prompts]
+    )
+    streamed = sent_until_final(
+        model, [fake_triton.request(text_input=p, adapter_id=adapter) for p in prompts]
+    )
+    for one, responses in zip(single, streamed, strict=True):
+        assert not one.has_error() and not any(r.has_error() for r in responses)
+        text = "".join(r.output("text_output")[0, 0].decode("utf-8") for r in responses)
+        assert text == one.output("text_output")[0, 0].decode("utf-8")
+        assert [r.output("finish_reason")[0, 0] for r in responses[:-1]] == [b""] * (len(responses) - 1)
+        assert responses[-1].output("finish_reason")[0, 0] == one.output("finish_reason")[0, 0]
+        assert responses[-1].output("generated_tokens")[0, 0] == one.output("generated_tokens")[0, 0]
+        if model.engine.loop is not None:
+            assert len(responses) > 1  # streamed as it was generated
+
+
+def test_a_cancelled_client_frees_its_row_and_gets_cancelled(lm):
+    model, pb = lm
+    if model.engine.loop is None:
+        pytest.skip("request-level batching generates each batch to its end inside execute()")
+    request = fake_triton.request(
+        text_input="cancel me", adapter_id="", max_tokens=np.array([[500]], np.int32)
+    )
+    assert model.execute([request]) is None
+    sender = request.get_response_sender()
+    deadline = time.monotonic() + 30
+    while not sender.sent:  # the first delta: it is running
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    sender.cancelled = True
+    while not sender.final:
+        assert time.monotonic() < deadline, "the cancelled request was never answered"
+        time.sleep(0.01)
+    last = sender.sent[-1][0]
+    assert last.error().code() == pb.TritonError.CANCELLED
+    assert last.output_tensors() == [] and "cancelled after" in last.error().message()
+    assert model.engine.loop.pending == (0, 0)  # its row is free
+
+
 def test_a_model_wide_failure_still_answers_every_request_once(lm, monkeypatch):
     model, pb = lm
 
@@ -97,7 +148,10 @@ def test_a_model_wide_failure_still_answers_every_request_once(lm, monkeypatch):
     monkeypatch.setattr(model.engine.scheduler, "step", explode)
     responses = answers(
         model,
-        [fake_triton.request(input_ids=ids(1, 3), adapter_id=""), fake_triton.request(input_ids=ids(1, 3))],
+        [
+            fake_triton.request(text_input="x", adapter_id="", stream=ONE_ANSWER),
+            fake_triton.request(text_input="x", stream=ONE_ANSWER),
+        ],
     )
     assert [r.error().code() for r in responses] == [pb.TritonError.INTERNAL, pb.TritonError.INVALID_ARG]
     assert "device lost" in responses[0].error().message()
@@ -118,7 +172,7 @@ def test_tokenizer_and_detokenizer_round_trip(tiny_model):
         assert back.output("text_output")[0, 0].decode() == "héllo"
 
 
-def test_the_tokenizer_steps_never_import_torch(tiny_model):
+def test_the_tokenizer_steps_never_import_torch_and_the_front_not_even_transformers(tiny_model):
     """They start in a second without it, which is most of what a restarted server waits for."""
     script = f"""
 import sys
@@ -126,16 +180,22 @@ sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "backend_src")!r}]
 from tests import fake_triton
 base = {{"base_model": {str(tiny_model.base_model)!r}}}
 with fake_triton.installed():
+    directory = fake_triton.ROOT / "model_repository" / "generate"
+    front = fake_triton.load_model_py(directory / "1" / "model.py")()
+    front.initialize(fake_triton.initialize_args(directory / "config.pbtxt", {{}}))
+    front_light = "transformers" not in sys.modules
     for name in ("tokenizer", "detokenizer"):
         directory = fake_triton.ROOT / "model_repository" / name
         model = fake_triton.load_model_py(directory / "1" / "model.py")()
         model.initialize(fake_triton.initialize_args(directory / "config.pbtxt", base))
+    front.finalize()
 import os
-print("torch" in sys.modules, os.environ.get("USE_TORCH"))
+print(front_light, "torch" in sys.modules, os.environ.get("USE_TORCH"))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False None", result.stdout + result.stderr  # nothing inherits USE_TORCH
+    # nothing inherits USE_TORCH
+    assert result.stdout.strip() == "True False None", result.stdout + result.stderr
 
 
 def test_loop_metrics_reach_triton_in_batches_and_exactly_when_idle(monkeypatch):

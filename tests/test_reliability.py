@@ -243,6 +243,7 @@ class Load:
 
     served: Supervised
     probes: Sequence[Probe]
+    model: str = "generate"
     workers: int = 8
     records: list[Record] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -260,7 +261,9 @@ class Load:
                     record = Record(next(self._ids), protocol, probe, time.monotonic())
                     self.records.append(record)
                 try:
-                    outcome: GenerateResult | RequestFailed = client.generate(probe.request)
+                    outcome: GenerateResult | RequestFailed = client.generate_on_model(
+                        self.model, probe.request
+                    )
                 except RequestFailed as failure:
                     outcome = failure
                 except Exception as exc:  # noqa: BLE001  (a client that leaks an untyped error: recorded)
@@ -325,7 +328,7 @@ def test_clients_cannot_use_the_model_repository_api(healthy):
     try:
         for client in (http, grpc):
             with pytest.raises(InferenceServerException, match="restricted"):
-                client.unload_model("adapter_lm")
+                client.unload_model("generate_stream")
             with pytest.raises(InferenceServerException, match="restricted"):
                 client.get_model_repository_index()
     finally:
@@ -350,7 +353,8 @@ def test_killed_and_stopped_stubs_idle_fail_health_then_heal_in_place(healthy):
     # A short canary timeout: a canary queued behind the stopped detokenizer must fail before the heal.
     result = health(healthy, timeout_s=2)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "unhealthy: generate, generate_merged_upper" in result.stderr  # both go through the two steps
+    # Only the merged ensembles go through the two steps; `generate` tokenizes in its engine.
+    assert "unhealthy: generate_merged_upper" in result.stderr and "generate," not in result.stderr
 
     healed = wait_exact(healthy, demo_probes(7, seed=1), fault)
     healed_merged = wait_exact(healthy, merged_probes(2), fault, model="generate_merged_upper")
@@ -365,21 +369,24 @@ def test_killed_and_stopped_stubs_idle_fail_health_then_heal_in_place(healthy):
     assert_back_to(healthy, before)
 
 
-@pytest.mark.parametrize("model", ["tokenizer", "adapter_lm"])
-def test_a_stub_killed_under_load_fails_requests_fast_and_typed_then_heals(healthy, model):
-    """The tokenizer is healed in place (a stand-in answers meanwhile); adapter_lm's engine loop answers
-    requests after execute returned, which Triton 2.51 strands with a dead stub, so the server restarts."""
+@pytest.mark.parametrize(
+    ("model", "served"), [("tokenizer", "generate_merged_upper"), ("generate_stream", "generate")]
+)
+def test_a_stub_killed_under_load_fails_requests_fast_and_typed_then_heals(healthy, model, served):
+    """The tokenizer (a step of the merged ensembles) is healed in place (a stand-in answers meanwhile);
+    generate_stream's engine loop answers requests after execute returned, which Triton 2.51 strands with a
+    dead stub, so the server restarts."""
     before = baseline(healthy)
-    probes = demo_probes(42, seed=3)
+    probes = merged_probes(3) if served != "generate" else demo_probes(42, seed=3)
     log_start = len(healthy.log())
-    with Load(healthy, probes) as load:
+    with Load(healthy, probes, model=served) as load:
         time.sleep(2)
         os.kill(healthy.stub_of(model).pid, signal.SIGKILL)
         fault = time.monotonic()
-        healed = wait_exact(healthy, probes[:7], fault)
+        healed = wait_exact(healthy, probes[:7], fault, model=served)
         time.sleep(4)
     log = healthy.log()[log_start:]
-    if model == "adapter_lm":
+    if model == "generate_stream":
         assert "answers requests from its engine loop" in log and "restarting tritonserver" in log
     else:
         assert f"model '{model}' healed" in log and "restarting tritonserver" not in log

@@ -68,10 +68,10 @@ def test_concurrent_mixed_burst_each_gets_its_adapters_answer_and_is_batched(
     client, tiny_model, offline_engine, triton_server
 ):
     requests = burst(tiny_model, 32, seed=len(client.protocol))
-    before = client.inference_statistics("adapter_lm")
+    before = client.inference_statistics("generate_stream")
     mixed_before = scrape(triton_server, "multiadapter_batches_total", composition="mixed")
     outcomes = client.generate_many(requests, concurrency=16)
-    after = client.inference_statistics("adapter_lm")
+    after = client.inference_statistics("generate_stream")
     mixed_after = scrape(triton_server, "multiadapter_batches_total", composition="mixed")
     for request, outcome in zip(requests, outcomes, strict=True):
         assert isinstance(outcome, GenerateResult), outcome

@@ -62,33 +62,40 @@ def test_fill_tree_writes_everything_or_nothing(tmp_path):
     assert (out / "config.pbtxt").read_text() == 'name: "merged_x"\n'  # the earlier fill is intact
 
 
-def test_the_committed_generate_ensemble_is_its_template_filled():
-    """`generate` and every `generate_merged_<id>` share one request contract: one template."""
+def _block(text: str, first: str) -> list[str]:
+    """The lines from `first` to the first line that closes it ("]" or "}")."""
+    lines = text.splitlines()
+    start = lines.index(first)
+    closing = "]" if first.endswith("[") else "}"
+    return lines[start : lines.index(closing, start) + 1]
+
+
+def test_every_merged_ensemble_has_the_contract_of_generate():
+    """`generate` and every `generate_merged_<id>` take the same inputs and give the same outputs."""
     template = (TEMPLATES / "generate_ensemble" / "config.pbtxt.tmpl").read_text()
     assert placeholders(template) == {"description", "name", "token_model"}
-    committed = (ROOT / "model_repository" / "generate" / "config.pbtxt").read_text()
-    description = committed.splitlines()[0].removeprefix("# ")
-    assert committed == fill(
-        template, {"description": description, "name": "generate", "token_model": "adapter_lm"}
-    )
+    generate = (ROOT / "model_repository" / "generate" / "config.pbtxt").read_text()
+    for block in ("input [", "output ["):
+        assert _block(template, block) == _block(generate, block)
+    assert len(_block(generate, "input [")) == 9  # 7 inputs in their brackets
 
 
-def test_the_merged_token_model_has_the_contract_of_adapter_lm():
-    """Same inputs and outputs, and the same batching and queue policy, line for line, as the bank's."""
+def test_generate_stream_takes_the_contract_of_generate_plus_stream_and_finish_reason():
+    stream = (ROOT / "model_repository" / "generate_stream" / "config.pbtxt").read_text()
+    generate = (ROOT / "model_repository" / "generate" / "config.pbtxt").read_text()
+    inputs, outputs = _block(stream, "input ["), _block(stream, "output [")
+    assert [line.rstrip(",") for line in inputs if "stream" not in line] == [
+        line.rstrip(",") for line in _block(generate, "input [")
+    ]
+    assert [line.rstrip(",") for line in outputs if "finish_reason" not in line] == [
+        line.rstrip(",") for line in _block(generate, "output [")
+    ]
+    assert "model_transaction_policy { decoupled: true }" in stream
 
-    def contract(text: str) -> list[str]:
-        lines = text.splitlines()
-        start, output = lines.index("input ["), lines.index("output [")
-        return lines[start : lines.index("]", output) + 1]
 
-    def batching(text: str) -> list[str]:
-        lines = text.splitlines()
-        start = lines.index("dynamic_batching {")
-        return lines[start : lines.index("}", start) + 1]
-
+def test_the_merged_token_model_has_the_batching_and_queue_policy_of_the_engine():
+    """Line for line, the same dynamic batching and queue policy as `generate_stream`, the bank's engine."""
     template = (TEMPLATES / "merged_lm" / "config.pbtxt.tmpl").read_text()
-    bank = (ROOT / "model_repository" / "adapter_lm" / "config.pbtxt").read_text()
-    assert contract(template) == contract(bank)
-    assert len(contract(bank)) == 15  # 7 inputs and 4 outputs in their brackets
-    assert batching(template) == batching(bank)
-    assert any("max_queue_size" in line for line in batching(bank))
+    engine = (ROOT / "model_repository" / "generate_stream" / "config.pbtxt").read_text()
+    assert _block(template, "dynamic_batching {") == _block(engine, "dynamic_batching {")
+    assert any("max_queue_size" in line for line in _block(engine, "dynamic_batching {"))

@@ -9,6 +9,7 @@ forward pass serves the whole mixed batch: LoRA, bottleneck and base rows togeth
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from .layers import BankedLinear
 from .lora_loading import LoraAdapter
 
 BASE_SLOT = -1
+# Batch compositions whose routes are kept (the loop's running rows, and the rows it is prefilling).
+ROUTES_KEPT = 2
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class AdapterBank:
         self._layers: dict[str, BankedLinear] = {}
         self._sites: dict[BottleneckPlace, BankedBottleneck] = {}
         self._lock = threading.RLock()
+        # Routes of the last few batch compositions: the engine loop asks for the same slots step after step
+        # while no row joins or leaves, and a route's per-row weight gather is a large share of a step.
+        self._routes: collections.OrderedDict[tuple[int, ...], list[object]] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -98,6 +104,7 @@ class AdapterBank:
                 modules, places = tuple(adapter.modules), ()
             entry = BankEntry(adapter.adapter_id, adapter.version, free, modules, adapter.nbytes, places)
             self._entries[adapter.adapter_id] = entry
+            self._routes.clear()
             return entry
 
     def remove(self, adapter_id: str) -> None:
@@ -110,13 +117,23 @@ class AdapterBank:
                 self._layers[name].drop(entry.slot)
             for place in entry.places:
                 self._sites[place].drop(entry.slot)
+            self._routes.clear()
 
     @contextmanager
     def routing(self, slots: Sequence[int]) -> Iterator[BatchRouting]:
         """Route batch row i to bank slot slots[i] for the forwards run inside the block."""
         with self._lock:
             routing = BatchRouting([*self._layers.values(), *self._sites.values()])
-            routing.set_slots(slots)
+            key = tuple(slots)
+            routes = self._routes.get(key)
+            if routes is None:
+                routing.set_slots(key)
+                self._routes[key] = routing.routes()
+                while len(self._routes) > ROUTES_KEPT:
+                    self._routes.popitem(last=False)
+            else:
+                self._routes.move_to_end(key)
+                routing.install(routes)
             try:
                 yield routing
             finally:
@@ -134,6 +151,14 @@ class BatchRouting:
         slots = list(slots)
         for layer in self._layers:
             layer.route = layer.make_route(slots)
+
+    def routes(self) -> list[object]:
+        return [layer.route for layer in self._layers]
+
+    def install(self, routes: Sequence[object]) -> None:
+        """Install routes made earlier for the same slots (`routes()`), layer by layer."""
+        for layer, route in zip(self._layers, routes, strict=True):
+            layer.route = route
 
     def clear(self) -> None:
         for layer in self._layers:

@@ -25,7 +25,7 @@ from .bottleneck_loading import load_bottleneck_adapter
 from .config import EngineConfig
 from .errors import AdapterLoadError, AdapterNotFound, InvalidRequest, RequestError
 from .generation import Batch, RowRequest, forward_logits, generate_rows, left_pad
-from .loop import EngineLoop, SequenceListener
+from .loop import EngineLoop, SequenceListener, TorchThread
 from .lora_loading import load_lora_adapter
 from .merged_variant import MergedInfo
 from .sampling import SamplingParams
@@ -248,11 +248,16 @@ class Engine:
         return row, entry
 
     def start_loop(
-        self, on_step: Callable[[StepResult, int, int], None] = lambda result, waiting, running: None
+        self,
+        on_step: Callable[[StepResult, int, int], None] = lambda result, waiting, running: None,
+        thread: TorchThread | None = None,
     ) -> EngineLoop:
-        """Start the engine loop's thread; `submit` and `generate` then go through it."""
+        """Start the engine loop, on `thread` (the one that loaded the model, see `TorchThread`) or a thread
+        of its own; `submit` and `generate` then go through it."""
         if self.loop is None:
-            self.loop = EngineLoop(self.scheduler, self._lock, on_step, self.config.max_waiting_requests)
+            self.loop = EngineLoop(
+                self.scheduler, self._lock, on_step, self.config.max_waiting_requests, thread=thread
+            )
             self.loop.start()
         return self.loop
 
@@ -267,12 +272,26 @@ class Engine:
     ) -> Submitted:
         """Validate `request` and queue it in the running loop, heard by `listener_for(its adapter entry)`.
         Raises RequestError (nothing queued)."""
+        item = self.sequence_for(request)
+        self.enqueue(item, listener_for(item.entry))
+        return item
+
+    def sequence_for(self, request: GenerationRequest) -> Submitted:
+        """Validate `request` into a sequence for the loop, not yet queued. Raises RequestError."""
+        row, entry = self.prepare(request)
+        return Submitted(self.scheduler.sequence(row), entry)
+
+    def enqueue(self, item: Submitted, listener: SequenceListener) -> None:
+        """Queue a sequence from `sequence_for` in the running loop; `listener` hears from the loop thread
+        (or at once, in this thread, when the loop refuses it)."""
         if self.loop is None:
             raise RuntimeError("the engine loop is not running (start_loop)")
-        row, entry = self.prepare(request)
-        seq = self.scheduler.sequence(row)
-        self.loop.submit(seq, listener_for(entry))
-        return Submitted(seq, entry)
+        self.loop.submit(item.seq, listener)
+
+    def cancel(self, item: Submitted) -> None:
+        """End `item` with CANCELLED at the loop's next step, wherever it is (a no-op once finished)."""
+        if self.loop is not None and not item.seq.finished:
+            self.loop.cancel(item.seq)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | RequestError]:
         """One outcome per request, in order. Invalid requests fail alone; the rest are batched together
@@ -344,3 +363,11 @@ class Engine:
         batch = left_pad(prompts, self.pad_id, self.device)
         with self._lock, torch.inference_mode(), self.bank.routing(slots):
             return forward_logits(self.model, batch), batch
+
+
+def load_engine(config: EngineConfig, device: torch.device | str = "cpu") -> Engine:
+    """`Engine.load`, with `config.num_threads` torch threads first (0 leaves torch's default); call it on
+    the thread that will run the engine (`TorchThread`)."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    return Engine.load(config, device)

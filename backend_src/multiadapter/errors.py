@@ -13,6 +13,7 @@ class ErrorKind(Enum):
     INVALID_ARG = "INVALID_ARG"
     NOT_FOUND = "NOT_FOUND"
     UNAVAILABLE = "UNAVAILABLE"
+    CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
 
 
@@ -41,6 +42,12 @@ class AdapterNotFound(RequestError):
 
 class Unavailable(RequestError):
     kind = ErrorKind.UNAVAILABLE
+
+
+class Cancelled(RequestError):
+    """The client cancelled the request, went away, or passed its deadline; its row was freed."""
+
+    kind = ErrorKind.CANCELLED
 
 
 class ConfigError(ValueError):

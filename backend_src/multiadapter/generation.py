@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .bank import BatchRouting
+from .kv_cache import growing_cache
 from .sampling import SamplingParams, make_generator, select_tokens
 
 
@@ -92,6 +93,7 @@ def generate_rows(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
+        past_key_values=growing_cache(model.config.num_hidden_layers),
         use_cache=True,
         logits_to_keep=1,
     )

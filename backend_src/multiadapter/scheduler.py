@@ -15,8 +15,9 @@ A `Scheduler` owns the model's time (it is driven by one thread, see `loop.py`).
    its own parameters and generator, and retires the rows that stopped;
 5. drops the cache columns that only padding uses once the longest row has left.
 
-The KV cache is the model's own `DynamicCache`, left-padded: a row's real tokens are right-aligned, padding
-is masked, and position ids count real tokens only, so a row computes what it would compute alone.
+The KV cache is the model's own `DynamicCache` (with `kv_cache.GrowingLayer`s, which append in place),
+left-padded: a row's real tokens are right-aligned, padding is masked, and position ids count real tokens
+only, so a row computes what it would compute alone.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from transformers.cache_utils import DynamicCache
 from .bank import BatchRouting
 from .errors import Unavailable
 from .generation import RowRequest, left_pad
+from .kv_cache import growing_cache, growing_from
 from .sampling import make_generator, select_tokens
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
@@ -163,7 +165,7 @@ def merge_rows(a: _Rows, b: _Rows) -> _Rows:
     ]
     return _Rows(
         seqs=[*a.seqs, *b.seqs],
-        cache=DynamicCache(layers),
+        cache=growing_from(layers),
         mask=torch.cat([pad(a.mask, 1), pad(b.mask, 1)]),
         next_pos=torch.cat([a.next_pos, b.next_pos]),
         last=torch.cat([a.last, b.last]),
@@ -190,6 +192,7 @@ class Scheduler:
         self.pad_id = pad_id
         self.device = device
         self.limits = limits or SchedulerLimits()
+        self._layers = model.config.num_hidden_layers
         self.waiting: deque[Sequence] = deque()
         self.prefilling: _PrefillGroup | None = None
         self.running: _Rows | None = None
@@ -307,7 +310,7 @@ class Scheduler:
                 input_ids=group.ids[:, start:end],
                 attention_mask=group.mask[:, :end],
                 position_ids=group.positions[:, start:end],
-                past_key_values=group.cache,
+                past_key_values=group.cache or growing_cache(self._layers),
                 use_cache=True,
                 logits_to_keep=1,
             )

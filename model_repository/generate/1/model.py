@@ -1,5 +1,5 @@
-"""Multi-adapter LM, token level: each batch may mix adapters and the bare base; one batched generation
-serves it, and every request gets its own response or its own typed error (backend_src/triton_lm.py)."""
+"""`generate`: the non-streaming contract over plain HTTP and gRPC infer, answered by the engine that
+`generate_stream` hosts (backend_src/triton_front.py). It never imports torch or transformers."""
 
 import os
 import sys
@@ -9,4 +9,4 @@ from pathlib import Path
 _SRC = os.environ.get("MULTIADAPTER_BACKEND_SRC") or str(Path(__file__).resolve().parents[3] / "backend_src")
 sys.path.insert(0, _SRC)
 
-from triton_lm import TritonPythonModel  # noqa: E402, F401
+from triton_front import TritonPythonModel  # noqa: E402, F401
