@@ -105,12 +105,14 @@ class TritonPythonModel:
                 )
                 sender.send(error_response(overload), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            asyncio.run_coroutine_threadsafe(self._answer(request, sender, inputs), self._loop)
+            # Only the sender outlives execute(): Triton frees the request itself once execute() returns, and
+            # touching it later corrupts the stub's heap (seen under load: "malloc(): unaligned fastbin").
+            asyncio.run_coroutine_threadsafe(self._answer(sender, inputs), self._loop)
         return None
 
-    async def _answer(self, request, sender, inputs) -> None:
+    async def _answer(self, sender, inputs) -> None:
         try:
-            response = await self._generate(request, sender, inputs)
+            response = await self._generate(sender, inputs)
         except RequestError as exc:
             response = error_response(exc)
         except Exception as exc:  # noqa: BLE001 - the call itself failed: the engine cannot be reached
@@ -120,7 +122,7 @@ class TritonPythonModel:
                 return  # finalize answered it already
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    async def _generate(self, request, sender, inputs) -> pb_utils.InferenceResponse:
+    async def _generate(self, sender, inputs) -> pb_utils.InferenceResponse:
         key = secrets.token_hex(16)
         child = pb_utils.InferenceRequest(
             model_name=self.engine_model,
@@ -134,7 +136,7 @@ class TritonPythonModel:
             done, _ = await asyncio.wait({answer}, timeout=CANCEL_POLL_S)
             if done:
                 break
-            if not cancel_sent and self._client_cancelled(request, sender):
+            if not cancel_sent and self._client_cancelled(sender):
                 cancel_sent = True
                 await self._cancel(key, inputs)
         for response in answer.result():
@@ -145,13 +147,13 @@ class TritonPythonModel:
                 return copied_response(response, self.engine_model)
         raise Unavailable(f"{self.engine_model} ended the request without an answer")
 
-    def _client_cancelled(self, request, sender) -> bool:
+    def _client_cancelled(self, sender) -> bool:
         # Never ask once the request is answered (finalize may have): Triton 2.51 crashes on that question.
         # (No lock is held across the round trip to Triton.)
         with self._lock:
             if id(sender) not in self._in_flight:
                 return False
-        return request.is_cancelled()
+        return sender.is_cancelled()
 
     async def _cancel(self, key: str, inputs) -> None:
         control = pb_utils.InferenceRequest(
