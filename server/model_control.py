@@ -117,8 +117,6 @@ class ModelControl:
 # requests and steps (a model that answers later returns from execute at once, so Triton's counts alone
 # would not show its engine stalling).
 ENGINE_SERIES = "multiadapter_engine_requests"
-# A front that forwards requests to an engine and answers them later (`generate`): it answers later too.
-FRONT_SERIES = "multiadapter_front_requests"
 PENDING_SERIES = ("nv_inference_pending_request_count", ENGINE_SERIES)
 PROGRESS_SERIES = ("nv_inference_exec_count", "multiadapter_engine_steps")
 
@@ -133,9 +131,6 @@ def parse_progress(text: str) -> dict[str, ModelProgress]:
     }
     engines: set[str] = set()
     for family in text_string_to_metric_families(text):
-        if family.name == FRONT_SERIES:
-            engines.update(s.labels["model"] for s in family.samples if "model" in s.labels)
-            continue
         target = wanted.get(family.name)
         if target is None:
             continue
@@ -147,5 +142,5 @@ def parse_progress(text: str) -> dict[str, ModelProgress]:
                     engines.add(model)
     return {
         model: ModelProgress(pending.get(model, 0.0), executions.get(model, 0.0), model in engines)
-        for model in pending.keys() | executions.keys() | engines
+        for model in pending.keys() | executions.keys()
     }
