@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from client import AdapterClient, GenerateRequest, GenerateResult, RequestFailed
+from client import AdapterClient, GenerateRequest, GenerateResult
 from client.streaming import StreamChunk, stream_generate
 from tests.conftest import DEMO_TASKS
 from tests.test_reliability import demo_probes
@@ -178,9 +178,9 @@ def test_cancelling_mid_stream_frees_the_row_and_the_server_stays_exact(
 
 
 def test_a_burst_of_cancellations_leaves_nothing_in_flight(triton_server, offline_engine):
-    """Streams cancelled at once or after a few tokens, over both protocols, beside `generate` requests whose
-    gRPC deadline passes (2.51 tells the front about those only sometimes: they are cancelled or run to their
-    end): every cancelled stream is cancelled in the engine, and nothing is left in flight."""
+    """Streams cancelled at once or after a few tokens, over both protocols: every one is cancelled in the
+    engine, and nothing is left in flight. (A gRPC deadline on `generate` is left out: Triton 2.51 reports it
+    to the front only sometimes, see the README.)"""
     from tests.test_server import expected
 
     server = triton_server
@@ -188,7 +188,6 @@ def test_a_burst_of_cancellations_leaves_nothing_in_flight(triton_server, offlin
     cancelled_before = cancelled_count(server)
     long = LONG
     errors: list[BaseException] = []
-    deadlines: list[RequestFailed] = []
 
     def stream_then_cancel(protocol: str, after: int) -> None:
         try:
@@ -199,28 +198,19 @@ def test_a_burst_of_cancellations_leaves_nothing_in_flight(triton_server, offlin
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    def generate_past_deadline() -> None:
-        with AdapterClient(server.grpc_url, protocol="grpc", timeout_s=0.5) as client:
-            try:
-                client.generate(long)
-            except RequestFailed as failure:
-                deadlines.append(failure)
-
     threads = [
         threading.Thread(target=stream_then_cancel, args=(protocol, after))
         for protocol in PROTOCOLS
         for after in (1, 1, 3, 5)
-    ] + [threading.Thread(target=generate_past_deadline) for _ in range(4)]
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(120)
     assert not errors, errors
-    assert [f.code for f in deadlines] == ["DEADLINE_EXCEEDED"] * 4
     wait_idle(server, timeout_s=30)
     cancelled = cancelled_count(server) - cancelled_before
-    # The 8 streams always; the 4 requests past their deadline when Triton reported them to the front.
-    assert 8 <= cancelled <= 12, f"{cancelled} requests were cancelled in the engine (8 streams, 4 deadlines)"
+    assert cancelled == 8, f"{cancelled} of the 8 cancelled streams were cancelled in the engine"
     assert scrape(server, "nv_inference_pending_request_count") == 0
     with AdapterClient(server.http_url, timeout_s=60) as client:
         for text in ("after", "the burst"):
