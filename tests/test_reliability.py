@@ -692,7 +692,12 @@ def test_stopping_the_server_under_load_answers_every_request_and_leaves_nothing
         # its shutdown waits out the exit timeout and then exits at once, with an error (see README).
         assert "Exit timeout expired" in log, log[-3000:]
     assert took < EXIT_TIMEOUT_S + STOP_MARGIN_S + 5, took  # the launcher kills a server that lingers
-    assert outcomes["OK"] > 0 and set(outcomes) <= {"OK", "UNAVAILABLE", "INTERNAL", "CANCELLED"}, outcomes
+    # NOT_FOUND only from Triton itself: a model already unloaded by the stop (never an adapter: no wrong
+    # or missing answer is tolerated).
+    gone = [r for r in load.errors() if r.outcome.code == "NOT_FOUND"]
+    assert all("adapter" not in r.outcome.message for r in gone), gone[:3]
+    allowed = {"OK", "UNAVAILABLE", "INTERNAL", "CANCELLED", "NOT_FOUND"}
+    assert outcomes["OK"] > 0 and set(outcomes) <= allowed, outcomes
     late = [r for r in load.records if r.end - r.start > took + 5]
     assert not late, late[:3]
     assert "restarting tritonserver" not in log[log_before_stop:]  # a stop is not a fault
