@@ -16,8 +16,7 @@ in Triton's bounded queue.
 Cancellation: while it waits, `execute` asks every `CANCEL_POLL_S` whether its client cancelled or passed its
 gRPC deadline (the request is valid until `execute` returns); if so it cancels the engine's sequence by the
 secret key it gave it (BLS children cannot be cancelled in 2.51), and the request ends with the engine's
-CANCELLED error. Measured on 2.51: for gRPC deadlines the answer came in some runs and not in others
-(README).
+CANCELLED error (tests/test_streaming.py checks it for a gRPC deadline).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ and `generate` answered by the same engine.
   request gets alone.
 - A cancelled stream (gRPC `stop_stream(cancel_requests=True)`, a closed SSE connection) frees its row: the
   engine's own gauge of requests in flight returns to zero, the CANCELLED count grows, and later requests
-  are exact.
+  are exact. So does a gRPC deadline that passes, on a stream and on `generate`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from client import AdapterClient, GenerateRequest, GenerateResult
+from client import AdapterClient, GenerateRequest, GenerateResult, RequestFailed
 from client.streaming import StreamChunk, stream_generate
 from tests.conftest import DEMO_TASKS
 from tests.test_reliability import demo_probes
@@ -177,10 +177,44 @@ def test_cancelling_mid_stream_frees_the_row_and_the_server_stays_exact(
     assert check_chunks(streamed(triton_server, protocol, request)) == answer
 
 
+# Past this, a LONG request among 15 other long rows (about 3 s on 2 cores) is still running: its deadline
+# passes while its row is in the engine, not while it waits in Triton's queue.
+DEADLINE_S = 1.5
+
+
+@pytest.mark.parametrize("model", [ENGINE, "generate"])
+def test_a_grpc_deadline_cancels_the_request_in_the_engine(triton_server, offline_engine, model):
+    """A gRPC client whose deadline passes gets DEADLINE_EXCEEDED, and the engine frees the row: for a
+    stream on `generate_stream`, and for a plain infer on `generate` (its front cancels the engine's sequence
+    by key when Triton says the request was cancelled)."""
+    from tests.test_server import expected
+
+    wait_idle(triton_server)
+    cancelled_before = cancelled_count(triton_server)
+    others, their_ends = busy(triton_server, 15)
+    sent = time.monotonic()
+    with pytest.raises(RequestFailed) as failure:
+        if model == ENGINE:
+            list(stream_generate(triton_server.grpc_url, "grpc", LONG, timeout_s=DEADLINE_S))
+        else:
+            with AdapterClient(triton_server.grpc_url, protocol="grpc", timeout_s=DEADLINE_S) as client:
+                client.generate(LONG)
+    waited = time.monotonic() - sent
+    assert failure.value.code == "DEADLINE_EXCEEDED", failure.value
+    assert waited < DEADLINE_S + 1.0, f"the client waited {waited:.1f} s past a {DEADLINE_S} s deadline"
+    for thread in others:
+        thread.join(120)
+    assert [c.finish_reason for c in their_ends] == ["length"] * 15
+    wait_idle(triton_server)
+    assert cancelled_count(triton_server) == cancelled_before + 1, "the engine did not cancel the request"
+    request = GenerateRequest("after a deadline", "", max_tokens=12)
+    with AdapterClient(triton_server.grpc_url, protocol="grpc", timeout_s=60) as client:
+        assert client.generate(request).text == expected(offline_engine, request.text, "", 12)[0]
+
+
 def test_a_burst_of_cancellations_leaves_nothing_in_flight(triton_server, offline_engine):
     """Streams cancelled at once or after a few tokens, over both protocols: every one is cancelled in the
-    engine, and nothing is left in flight. (A gRPC deadline on `generate` is left out: Triton 2.51 reports it
-    to the front only sometimes, see the README.)"""
+    engine, and nothing is left in flight."""
     from tests.test_server import expected
 
     server = triton_server
@@ -209,6 +243,12 @@ def test_a_burst_of_cancellations_leaves_nothing_in_flight(triton_server, offlin
         thread.join(120)
     assert not errors, errors
     wait_idle(server, timeout_s=30)
+    # The engine's gauge falls to zero when the loop retires the rows; the responder thread sends their
+    # CANCELLED answers (and counts them) just after: wait for the count, then check it is exact.
+    deadline = time.monotonic() + 10
+    while cancelled_count(server) - cancelled_before < 8 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
     cancelled = cancelled_count(server) - cancelled_before
     assert cancelled == 8, f"{cancelled} of the 8 cancelled streams were cancelled in the engine"
     assert scrape(server, "nv_inference_pending_request_count") == 0
