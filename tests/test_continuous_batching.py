@@ -251,3 +251,40 @@ def test_a_stopped_loop_answers_everything_it_holds_with_an_error(engine, family
     loop.submit(engine.scheduler.sequence(engine.prepare(GenerationRequest(PROMPTS[0]))[0]), Listener())
     late.append(finished[-1])
     assert late[0][1] is not None  # a stopped loop answers at once
+
+
+def test_more_adapters_than_the_device_holds_still_answer_exactly(family, uncached):
+    """Two bank slots for 5 adapters and the base, nothing preloaded: adapters load on first use, wait for
+    a slot while others run, are evicted and loaded again, and every answer is still exact."""
+    small = Engine.load(
+        EngineConfig(
+            base_model=family.base_dir, adapter_dir=family.adapter_dir, max_adapters=2, preload_adapters=()
+        )
+    )
+    adapter_ids = ["", *family.lora_ids, *family.bottleneck_ids]
+    assert len(adapter_ids) - 1 > small.bank.capacity
+    requests = [
+        GenerationRequest(PROMPTS[i % len(PROMPTS)], adapter_ids[i % len(adapter_ids)], max_tokens=3 + i % 7)
+        for i in range(24)
+    ]
+    outcomes: dict[int, object] = {}
+    small.start_loop()
+    try:
+
+        def send(i: int) -> None:
+            (outcomes[i],) = small.generate([requests[i]])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        small.stop_loop()
+    for i, request in enumerate(requests):
+        outcome = outcomes[i]
+        assert isinstance(outcome, GenerationResult), outcome
+        expected = uncached(list(request.input_ids), request.adapter_id, request.max_tokens)
+        assert outcome.output_ids == expected, (i, request)
+    assert small.adapters.evictions > 0 and small.adapters.loads >= len(adapter_ids) - 1
+    assert len(small.bank) <= 2

@@ -121,23 +121,25 @@ class _Tiny(nn.Module):
         return self.proj(x)
 
 
-def test_bank_slots_fill_free_replace_and_capacity():
+def test_bank_slots_fill_free_reuse_and_capacity():
     model = _Tiny()
     bank = AdapterBank(model, capacity=2)
     a = bank.add(_adapter("a", 2, 1))
     b = bank.add(_adapter("b", 5, 2))
     assert (a.slot, b.slot) == (0, 1) and isinstance(model.proj, BankedLinear)
     assert model.proj.max_rank == 5  # padded to the largest rank present
+    assert bank.full
     with pytest.raises(Unavailable, match="full"):
         bank.add(_adapter("c", 1, 3))
-    bank.remove("a")
-    with pytest.raises(AdapterNotFound):
-        bank.resolve("a")
+    bank.remove(a.slot)
+    with pytest.raises(KeyError):
+        bank.remove(a.slot)
     c = bank.add(_adapter("c", 1, 3))
     assert c.slot == 0  # the freed slot is reused
-    b2 = bank.add(_adapter("b", 3, 4))
-    assert bank.resolve("b").version == "v4" and b2.slot in (0, 1)
-    assert bank.resolve("").slot == BASE_SLOT
+    bank.remove(b.slot)
+    b2 = bank.add(_adapter("b", 3, 4))  # a second version of an id is a new entry; the manager picks
+    assert (b2.slot, b2.version) == (1, "v4")
+    assert [e.adapter_id for e in bank.entries()] == ["c", "b"]
 
 
 def test_bank_routes_each_row_to_its_adapter():

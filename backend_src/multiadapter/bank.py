@@ -1,10 +1,11 @@
 """The adapter bank: resident adapters by slot beside one frozen base model.
 
-Adapter ids (user-facing names) map to slots (internal integers); `BASE_SLOT` means the bare base.
-The bank fills and frees slots while serving: `add` stores an adapter's weights in every layer it
-targets (LoRA) or every place it adapts (bottleneck), `remove` frees the slot for the next one. Both
-kinds share the slots. `routing(slots)` installs, for one batch, which rows use which adapter, so one
-forward pass serves the whole mixed batch: LoRA, bottleneck and base rows together.
+Inside the math adapters are slots (internal integers); `BASE_SLOT` means the bare base. Which slot serves
+an adapter id is decided by the adapter manager (`adapter_manager.py`). The bank fills and frees slots while
+serving: `add` stores an adapter's weights in every layer it targets (LoRA) or every place it adapts
+(bottleneck), `remove` frees the slot for the next one. Both kinds share the slots. `routing(slots)`
+installs, for one batch, which rows use which adapter, so one forward pass serves the whole mixed batch:
+LoRA, bottleneck and base rows together.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .adapter_ids import BASE_ADAPTER_ID
 from .base_model import banked_layer, bottleneck_site
 from .bottleneck import BankedBottleneck, BottleneckPlace
 from .bottleneck_loading import BottleneckAdapter
-from .errors import AdapterNotFound, Unavailable
+from .errors import Unavailable
 from .layers import BankedLinear
 from .lora_loading import LoraAdapter
 
@@ -47,14 +48,18 @@ BASE_ENTRY = BankEntry(BASE_ADAPTER_ID, "", BASE_SLOT, (), 0)
 
 
 class AdapterBank:
-    """Up to `capacity` resident adapters. Thread-safe; one routed batch at a time."""
+    """Up to `capacity` resident adapters, by slot. Thread-safe; one routed batch at a time.
+
+    Two versions of one adapter id may be resident at once (a replaced version keeps its slot until the
+    sequences that started on it finish); which entry serves an id is the adapter manager's business.
+    """
 
     def __init__(self, model: nn.Module, capacity: int):
         if capacity < 1:
             raise ValueError("bank capacity must be at least 1")
         self._model = model
         self.capacity = capacity
-        self._entries: dict[str, BankEntry] = {}
+        self._entries: dict[int, BankEntry] = {}
         self._layers: dict[str, BankedLinear] = {}
         self._sites: dict[BottleneckPlace, BankedBottleneck] = {}
         self._lock = threading.RLock()
@@ -65,29 +70,19 @@ class AdapterBank:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, adapter_id: str) -> bool:
-        return adapter_id in self._entries
+    @property
+    def full(self) -> bool:
+        return len(self._entries) >= self.capacity
 
     def entries(self) -> list[BankEntry]:
         with self._lock:
             return sorted(self._entries.values(), key=lambda e: e.slot)
 
-    def resolve(self, adapter_id: str) -> BankEntry:
-        """The entry serving `adapter_id` ('' is the base). Raises AdapterNotFound."""
-        if adapter_id == BASE_ADAPTER_ID:
-            return BASE_ENTRY
-        entry = self._entries.get(adapter_id)
-        if entry is None:
-            raise AdapterNotFound(adapter_id)
-        return entry
-
     def add(self, adapter: LoraAdapter | BottleneckAdapter) -> BankEntry:
-        """Make `adapter` resident, replacing an earlier version of the same id."""
+        """Store `adapter` in a free slot (its tensors are copied to the bank's device and dtype).
+        Raises Unavailable when every slot is taken."""
         with self._lock:
-            if adapter.adapter_id in self._entries:
-                self.remove(adapter.adapter_id)
-            used = {e.slot for e in self._entries.values()}
-            free = next((s for s in range(self.capacity) if s not in used), None)
+            free = next((s for s in range(self.capacity) if s not in self._entries), None)
             if free is None:
                 raise Unavailable(f"adapter bank is full ({self.capacity} slots)")
             if isinstance(adapter, BottleneckAdapter):
@@ -103,16 +98,14 @@ class AdapterBank:
                     self._layers[name] = layer
                 modules, places = tuple(adapter.modules), ()
             entry = BankEntry(adapter.adapter_id, adapter.version, free, modules, adapter.nbytes, places)
-            self._entries[adapter.adapter_id] = entry
+            self._entries[free] = entry
             self._routes.clear()
             return entry
 
-    def remove(self, adapter_id: str) -> None:
-        """Free the slot of `adapter_id`. Raises AdapterNotFound if it is not resident."""
+    def remove(self, slot: int) -> None:
+        """Free `slot` for the next adapter. Raises KeyError if it holds none."""
         with self._lock:
-            entry = self._entries.pop(adapter_id, None)
-            if entry is None:
-                raise AdapterNotFound(adapter_id)
+            entry = self._entries.pop(slot)
             for name in entry.modules:
                 self._layers[name].drop(entry.slot)
             for place in entry.places:

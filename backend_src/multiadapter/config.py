@@ -3,17 +3,46 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .environment import ENV_ADAPTER_DIR, ENV_BASE_MODEL
+from .adapter_ids import check_adapter_id
+from .adapter_manager import CacheBudgets
+from .environment import ENV_ADAPTER_DIR, ENV_BASE_MODEL, ENV_PREFIX
 from .errors import ConfigError
 from .lora_loading import DEFAULT_MAX_ADAPTER_BYTES
 from .merged_variant import MERGED_INFO_FILE
 from .sampling import SamplingLimits
+
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9}
+# Parameters that $MULTIADAPTER_<NAME upper-cased> overrides (set by the launcher's flags).
+ENV_OVERRIDES = ("adapter_device_bytes", "adapter_host_bytes", "preload_adapters", "pinned_adapters")
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '512MiB', '2 GiB', '100MB' -> bytes. Raises ValueError."""
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(
+            f"{text!r} is not a size (an integer, optionally with B, KiB, MiB, GiB, KB, MB or GB)"
+        )
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def adapter_id_list(text: str) -> tuple[str, ...]:
+    """'a,b, c' -> ('a', 'b', 'c'); each checked as an adapter id. Raises ValueError."""
+    ids = tuple(part.strip() for part in text.split(",") if part.strip())
+    for adapter_id in ids:
+        try:
+            check_adapter_id(adapter_id)
+        except Exception as exc:  # InvalidRequest: a configuration problem here
+            raise ValueError(str(exc)) from exc
+    return ids
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BATCHING = ("continuous", "request")
@@ -46,6 +75,13 @@ class EngineConfig:
     # admission before it fails UNAVAILABLE (0: no limit). Triton's own queue no longer bounds them.
     max_waiting_requests: int = 128
     queue_timeout_ms: int = 10_000
+    # The adapter cache (adapter_manager.py): bytes of adapter tensors on the device and in host memory,
+    # adapters loaded at start ("*": every adapter of the store, in name order, while they fit) and
+    # adapters never evicted.
+    adapter_device_bytes: int = CacheBudgets.device_bytes
+    adapter_host_bytes: int = CacheBudgets.host_bytes
+    preload_adapters: tuple[str, ...] = ("*",)
+    pinned_adapters: tuple[str, ...] = ()
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> EngineConfig:
@@ -53,9 +89,11 @@ class EngineConfig:
 
         Keys: base_model, adapter_dir, merged_model, dtype, max_adapters, default_max_tokens,
         max_tokens_cap, num_threads, max_adapter_bytes, batching, max_batch_rows, max_kv_tokens,
-        prefill_chunk, max_waiting_requests, queue_timeout_ms. `merged_model` (a merged-weight variant)
-        takes the place of base_model and adapter_dir, and the environment does not override it. Unknown
-        keys and bad values are all reported together.
+        prefill_chunk, max_waiting_requests, queue_timeout_ms, adapter_device_bytes, adapter_host_bytes
+        (sizes: 512MiB, 2GiB, or bytes), preload_adapters ("*", or ids separated by commas; "" for none),
+        pinned_adapters (ids); $MULTIADAPTER_<KEY> overrides these last four. `merged_model` (a
+        merged-weight variant) takes the place of base_model and adapter_dir, and the environment does not
+        override it. Unknown keys and bad values are all reported together.
         """
         env = os.environ if env is None else env
         known = {
@@ -74,8 +112,13 @@ class EngineConfig:
             "prefill_chunk",
             "max_waiting_requests",
             "queue_timeout_ms",
+            *ENV_OVERRIDES,
         }
         problems = [f"unknown parameter {k!r}" for k in params if k not in known]
+        params = {**params}
+        for key in ENV_OVERRIDES:
+            if env.get(ENV_PREFIX + key.upper()):
+                params[key] = env[ENV_PREFIX + key.upper()]
         merged = params.get("merged_model", "")
         if merged:
             # The server-wide $MULTIADAPTER_* paths belong to the bank model, not to a merged variant.
@@ -115,6 +158,31 @@ class EngineConfig:
                 problems.append(f"{key} must be >= {minimum}, got {value}")
             return value
 
+        def size(key: str, default: int) -> int:
+            raw = params.get(key, "")
+            if raw == "":
+                return default
+            try:
+                value = parse_bytes(raw)
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}")
+                return default
+            if value < 1:
+                problems.append(f"{key} must be at least 1 byte, got {raw!r}")
+            return value
+
+        def ids(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+            raw = params.get(key)
+            if raw is None:
+                return default
+            if raw.strip() == "*":
+                return ("*",)
+            try:
+                return adapter_id_list(raw)
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}")
+                return default
+
         defaults = SamplingLimits()
         limits = SamplingLimits(
             default_max_tokens=integer("default_max_tokens", defaults.default_max_tokens, 1),
@@ -137,10 +205,23 @@ class EngineConfig:
             prefill_chunk=integer("prefill_chunk", 512, 1),
             max_waiting_requests=integer("max_waiting_requests", 128, 1),
             queue_timeout_ms=integer("queue_timeout_ms", 10_000, 0),
+            adapter_device_bytes=size("adapter_device_bytes", CacheBudgets.device_bytes),
+            adapter_host_bytes=size("adapter_host_bytes", CacheBudgets.host_bytes),
+            preload_adapters=ids("preload_adapters", ("*",)),
+            pinned_adapters=ids("pinned_adapters", ()),
         )
+        if config.pinned_adapters == ("*",):
+            problems.append("pinned_adapters takes adapter ids, not '*'")
         if problems:
             raise ConfigError("multi-adapter model configuration", problems)
         return config
+
+    def cache_budgets(self) -> CacheBudgets:
+        return CacheBudgets(
+            device_bytes=self.adapter_device_bytes,
+            host_bytes=self.adapter_host_bytes,
+            pinned=frozenset(self.pinned_adapters),
+        )
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

@@ -11,24 +11,28 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from .adapter_format import BOTTLENECK, adapter_format
-from .adapter_ids import adapter_directory, check_adapter_id, discover_adapter_ids
+from .adapter_ids import check_adapter_id
+from .adapter_manager import AdapterManager
+from .adapter_store import Adapter, AdapterStore
 from .bank import BASE_SLOT, AdapterBank, BankEntry
 from .base_model import ModuleInfo, bottleneck_layout, context_window, describe_modules, load_base_model
 from .bottleneck_loading import load_bottleneck_adapter
 from .config import EngineConfig
-from .errors import AdapterLoadError, AdapterNotFound, InvalidRequest, RequestError
+from .errors import InvalidRequest, RequestError, Unavailable
 from .generation import Batch, RowRequest, forward_logits, generate_rows, left_pad
 from .loop import EngineLoop, SequenceListener, TorchThread
 from .lora_loading import load_lora_adapter
 from .merged_variant import MergedInfo
 from .sampling import SamplingParams
+from .scheduler import ERROR as LOOP_ERROR
 from .scheduler import Scheduler, SchedulerLimits, StepResult
 from .scheduler import Sequence as LoopSequence
 
@@ -58,17 +62,37 @@ class GenerationResult:
     finish_reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Submitted:
-    """A request in the loop: its sequence (tokens so far, finish reason) and the adapter serving it."""
+    """A request in the loop: its sequence (tokens so far, finish reason) and the adapter serving it
+    (None while that adapter loads: set before the sequence joins the loop)."""
 
     seq: LoopSequence
-    entry: BankEntry
+    entry: BankEntry | None
+    adapter_id: str = ""
 
     def result(self) -> GenerationResult:
+        assert self.entry is not None
         return GenerationResult(
             list(self.seq.tokens), self.entry.adapter_id, self.entry.version, self.seq.finish_reason
         )
+
+
+class _Releasing:
+    """Passes a sequence's events on, and releases its adapter when it finishes."""
+
+    def __init__(self, adapters: AdapterManager, item: Submitted, listener: SequenceListener) -> None:
+        self._adapters = adapters
+        self._item = item
+        self._listener = listener
+
+    def on_tokens(self, seq: LoopSequence, tokens: list[int]) -> None:
+        self._listener.on_tokens(seq, tokens)
+
+    def on_finish(self, seq: LoopSequence, error: Exception | None) -> None:
+        if self._item.entry is not None:
+            self._adapters.release(self._item.entry)
+        self._listener.on_finish(seq, error)
 
 
 class _Collector:
@@ -113,10 +137,15 @@ class Engine:
         self.modules: dict[str, ModuleInfo] = describe_modules(model)
         self.bottleneck_layout = bottleneck_layout(model)
         self.bank = AdapterBank(model, config.max_adapters)
+        store = (
+            AdapterStore(config.adapter_dir, self._read_adapter)
+            if config.adapter_dir is not None and not config.merged
+            else None
+        )
+        self.adapters = AdapterManager(store, self.bank, config.cache_budgets())
         self.context_window = context_window(model)
         self.eos_ids = eos_ids
         self.pad_id = pad_id
-        self.refused: dict[str, str] = {}
         # A merged-weight variant serves one adapter folded into `model`, as the base slot.
         self.merged: MergedInfo | None = MergedInfo.load(config.base_model) if config.merged else None
         self._seeds = np.random.default_rng()
@@ -151,57 +180,47 @@ class Engine:
         if pad is None:
             pad = min(eos_ids) if eos_ids else 0
         engine = cls(model, config, device, eos_ids=eos_ids, pad_id=int(pad))
-        if config.adapter_dir is not None:
-            adapter_ids = discover_adapter_ids(config.adapter_dir)
-            for entry in sorted(config.adapter_dir.iterdir()):
-                if entry.is_dir() and entry.name not in adapter_ids:
+        store = engine.adapters.store
+        if store is not None:
+            wanted = config.preload_adapters
+            ids = store.ids() if wanted == ("*",) else list(wanted)
+            for entry in sorted(store.root.iterdir()):
+                if entry.is_dir() and entry.name not in store.ids():
                     log.warning("skipping %s: its name is not a valid adapter id", entry)
-            for adapter_id in adapter_ids:
-                engine.load_adapter(adapter_id)
+            loaded = engine.adapters.preload(ids)
+            log.info("preloaded %d of %d adapter(s) of the store", len(loaded), len(store.ids()))
         return engine
 
-    def load_adapter(self, adapter_id: str) -> BankEntry | None:
-        """Load `adapter_id` from the adapter directory into the bank; a refusal is logged and recorded."""
-        if self.config.adapter_dir is None:
-            raise AdapterNotFound(adapter_id)
-        try:
-            directory = adapter_directory(self.config.adapter_dir, adapter_id)
-        except InvalidRequest as exc:
-            self.refused[adapter_id] = str(exc)
-            log.error("adapter %r refused: %s", adapter_id, exc)
-            return None
-        try:
-            if adapter_format(adapter_id, directory) == BOTTLENECK:
-                output = self.model.get_output_embeddings()
-                adapter = load_bottleneck_adapter(
-                    adapter_id,
-                    directory,
-                    self.bottleneck_layout,
-                    output_weight=None if output is None else output.weight,
-                    dtype=self.dtype,
-                    device=self.device,
-                    max_bytes=self.config.max_adapter_bytes,
-                )
-            else:
-                adapter = load_lora_adapter(
-                    adapter_id,
-                    directory,
-                    self.modules,
-                    dtype=self.dtype,
-                    device=self.device,
-                    max_bytes=self.config.max_adapter_bytes,
-                )
-        except AdapterLoadError as exc:
-            self.refused[adapter_id] = "; ".join(exc.problems)
-            log.error("%s", exc)
-            return None
-        entry = self.bank.add(adapter)
-        self.refused.pop(adapter_id, None)
-        log.info("adapter %r %s loaded into slot %d", adapter_id, adapter.version, entry.slot)
-        return entry
+    @property
+    def refused(self) -> dict[str, str]:
+        """Adapters of the store that failed validation, with the reasons (until their files change)."""
+        return self.adapters.refused
 
-    def resolve(self, adapter_id: str) -> BankEntry:
-        """Bank entry for a request's adapter id ('' is the base). Raises a RequestError.
+    def _read_adapter(self, adapter_id: str, directory: Path) -> Adapter:
+        """One adapter from its folder, validated, on the host in the engine's dtype (the store's loader)."""
+        if adapter_format(adapter_id, directory) == BOTTLENECK:
+            output = self.model.get_output_embeddings()
+            return load_bottleneck_adapter(
+                adapter_id,
+                directory,
+                self.bottleneck_layout,
+                output_weight=None if output is None else output.weight,
+                dtype=self.dtype,
+                device="cpu",
+                max_bytes=self.config.max_adapter_bytes,
+            )
+        return load_lora_adapter(
+            adapter_id,
+            directory,
+            self.modules,
+            dtype=self.dtype,
+            device="cpu",
+            max_bytes=self.config.max_adapter_bytes,
+        )
+
+    def acquire(self, adapter_id: str) -> BankEntry | None:
+        """The entry serving `adapter_id` ('' is the base) with a reference taken (`release` it), or None
+        when the adapter must be loaded first. Raises a RequestError (invalid id, not in the store, refused).
 
         A merged variant accepts '' and its adapter's id, both served by the merged weights in the base slot
         and answered with that adapter's id and version.
@@ -210,13 +229,32 @@ class Engine:
         if self.merged is not None:
             self.merged.check_request(adapter_id)
             return BankEntry(self.merged.adapter_id, self.merged.adapter_version, BASE_SLOT, (), 0)
-        if adapter_id in self.refused:
-            raise AdapterNotFound(adapter_id, refused_because=self.refused[adapter_id])
-        return self.bank.resolve(adapter_id)
+        return self.adapters.acquire(adapter_id)
+
+    def acquire_now(self, adapter_id: str) -> BankEntry:
+        """`acquire`, loading the adapter in this thread's time if needed."""
+        entry = self.acquire(adapter_id)
+        return entry if entry is not None else self.adapters.acquire_now(adapter_id)
+
+    def release(self, entry: BankEntry) -> None:
+        self.adapters.release(entry)
+
+    def resolve(self, adapter_id: str) -> BankEntry:
+        """The entry serving `adapter_id` now (loaded if needed), without keeping a reference."""
+        entry = self.acquire_now(adapter_id)
+        self.release(entry)
+        return entry
 
     def prepare(self, request: GenerationRequest) -> tuple[RowRequest, BankEntry]:
-        """Validate `request` into a row for the loop, and the entry serving it. Raises RequestError."""
-        entry = self.resolve(request.adapter_id)
+        """Validate `request` into a row for the loop, and the entry serving it (loaded in this thread if
+        needed, with a reference taken: `release` it). Raises RequestError."""
+        check_adapter_id(request.adapter_id)
+        row = self._row(request)
+        entry = self.acquire_now(request.adapter_id)
+        return replace(row, slot=entry.slot), entry
+
+    def _row(self, request: GenerationRequest) -> RowRequest:
+        """`request` validated into a row (its slot still the base's). Raises RequestError."""
         n_prompt = len(request.input_ids)
         if n_prompt == 0:
             raise InvalidRequest("the prompt is empty")
@@ -235,7 +273,7 @@ class Engine:
         budget = min(params.max_tokens, self.context_window - n_prompt)
         row = RowRequest(
             input_ids=list(request.input_ids),
-            slot=entry.slot,
+            slot=BASE_SLOT,
             params=params,
             max_new_tokens=budget,
             fallback_seed=int(self._seeds.integers(0, 2**63)),
@@ -245,7 +283,7 @@ class Engine:
                 f"the prompt's {n_prompt} tokens plus max_tokens {budget} exceed the engine's KV budget of "
                 f"{self.scheduler.limits.max_kv_tokens} tokens (max_kv_tokens)"
             )
-        return row, entry
+        return row
 
     def start_loop(
         self,
@@ -268,25 +306,56 @@ class Engine:
             self.loop = None
 
     def submit(
-        self, request: GenerationRequest, listener_for: Callable[[BankEntry], SequenceListener]
+        self, request: GenerationRequest, listener_for: Callable[[BankEntry | None], SequenceListener]
     ) -> Submitted:
-        """Validate `request` and queue it in the running loop, heard by `listener_for(its adapter entry)`.
-        Raises RequestError (nothing queued)."""
+        """Validate `request` and queue it in the running loop, heard by `listener_for(its adapter entry)`
+        (None while the adapter loads). Raises RequestError (nothing queued)."""
         item = self.sequence_for(request)
         self.enqueue(item, listener_for(item.entry))
         return item
 
     def sequence_for(self, request: GenerationRequest) -> Submitted:
-        """Validate `request` into a sequence for the loop, not yet queued. Raises RequestError."""
-        row, entry = self.prepare(request)
-        return Submitted(self.scheduler.sequence(row), entry)
+        """Validate `request` into a sequence for the loop, not yet queued (`enqueue` it). Raises
+        RequestError. A resident adapter is referenced now; a cold one is loaded by `enqueue`."""
+        check_adapter_id(request.adapter_id)
+        row = self._row(request)
+        entry = self.acquire(request.adapter_id)
+        if entry is not None:
+            row = replace(row, slot=entry.slot)
+        return Submitted(self.scheduler.sequence(row), entry, request.adapter_id)
 
     def enqueue(self, item: Submitted, listener: SequenceListener) -> None:
         """Queue a sequence from `sequence_for` in the running loop; `listener` hears from the loop thread
-        (or at once, in this thread, when the loop refuses it)."""
-        if self.loop is None:
-            raise RuntimeError("the engine loop is not running (start_loop)")
-        self.loop.submit(item.seq, listener)
+        (or at once, in this thread, when the loop refuses it). A sequence whose adapter is cold waits for
+        its load (on the loader thread) and then joins; only it waits. Its adapter is released at its end."""
+        listener = _Releasing(self.adapters, item, listener)
+        if item.entry is not None:
+            self._join(item, listener)
+        else:
+            self.adapters.acquire_later(
+                item.adapter_id, lambda entry, error: self._adapter_ready(item, listener, entry, error)
+            )
+
+    def _adapter_ready(
+        self, item: Submitted, listener: SequenceListener, entry: BankEntry | None, error: Exception | None
+    ) -> None:
+        if error is not None:
+            item.seq.error, item.seq.finish_reason = error, LOOP_ERROR
+            listener.on_finish(item.seq, error)
+            return
+        assert entry is not None
+        item.entry = entry
+        item.seq.row = replace(item.seq.row, slot=entry.slot)
+        self._join(item, listener)
+
+    def _join(self, item: Submitted, listener: SequenceListener) -> None:
+        loop = self.loop
+        if loop is None:
+            error = Unavailable("the engine loop is not running")
+            item.seq.error, item.seq.finish_reason = error, LOOP_ERROR
+            listener.on_finish(item.seq, error)
+            return
+        loop.submit(item.seq, listener)
 
     def cancel(self, item: Submitted) -> None:
         """End `item` with CANCELLED at the loop's next step, wherever it is (a no-op once finished)."""
@@ -311,15 +380,19 @@ class Engine:
             except RequestError as exc:
                 outcomes[i] = exc
         if self.loop is None:
-            with self._lock:
+            try:
+                with self._lock:
+                    for _, item in submitted:
+                        self.scheduler.add(item.seq)
+                    try:
+                        while not all(item.seq.finished for _, item in submitted):
+                            self.scheduler.step()
+                    except BaseException:
+                        self.scheduler.drain()
+                        raise
+            finally:
                 for _, item in submitted:
-                    self.scheduler.add(item.seq)
-                try:
-                    while not all(item.seq.finished for _, item in submitted):
-                        self.scheduler.step()
-                except BaseException:
-                    self.scheduler.drain()
-                    raise
+                    self.release(item.entry)
         else:
             waiter.wait(len(submitted))
         for i, item in submitted:
@@ -345,10 +418,19 @@ class Engine:
             entries.append(entry)
             positions.append(i)
         if rows:
-            with self._lock, torch.inference_mode(), self.bank.routing([r.slot for r in rows]) as routing:
-                generated = generate_rows(
-                    self.model, routing, rows, eos_ids=self.eos_ids, pad_id=self.pad_id, device=self.device
-                )
+            try:
+                with self._lock, torch.inference_mode(), self.bank.routing([r.slot for r in rows]) as routing:
+                    generated = generate_rows(
+                        self.model,
+                        routing,
+                        rows,
+                        eos_ids=self.eos_ids,
+                        pad_id=self.pad_id,
+                        device=self.device,
+                    )
+            finally:
+                for entry in entries:
+                    self.release(entry)
             for i, entry, out in zip(positions, entries, generated, strict=True):
                 outcomes[i] = GenerationResult(
                     out.token_ids, entry.adapter_id, entry.version, out.finish_reason
@@ -359,10 +441,15 @@ class Engine:
         self, prompts: Sequence[Sequence[int]], adapter_ids: Sequence[str]
     ) -> tuple[torch.Tensor, Batch]:
         """Logits of a left-padded mixed batch in one forward: ([B, T, V], the padded batch)."""
-        slots = [self.resolve(a).slot for a in adapter_ids]
-        batch = left_pad(prompts, self.pad_id, self.device)
-        with self._lock, torch.inference_mode(), self.bank.routing(slots):
-            return forward_logits(self.model, batch), batch
+        entries: list[BankEntry] = []
+        try:
+            entries.extend(self.acquire_now(a) for a in adapter_ids)
+            batch = left_pad(prompts, self.pad_id, self.device)
+            with self._lock, torch.inference_mode(), self.bank.routing([e.slot for e in entries]):
+                return forward_logits(self.model, batch), batch
+        finally:
+            for entry in entries:
+                self.release(entry)
 
 
 def load_engine(config: EngineConfig, device: torch.device | str = "cpu") -> Engine:
