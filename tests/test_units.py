@@ -8,7 +8,7 @@ import pytest
 import torch
 from multiadapter.adapter_ids import adapter_directory, check_adapter_id, discover_adapter_ids
 from multiadapter.bank import BASE_SLOT, AdapterBank
-from multiadapter.errors import AdapterNotFound, InvalidRequest, Unavailable
+from multiadapter.errors import InvalidRequest, Unavailable
 from multiadapter.layers import BankedLinear, lora_delta
 from multiadapter.lora_loading import LoraAdapter, LoraModuleWeights
 from multiadapter.sampling import SamplingLimits, SamplingParams, select_tokens
