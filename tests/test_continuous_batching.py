@@ -201,6 +201,13 @@ def test_the_loop_thread_serves_concurrent_submitters_exactly(engine, family, un
         GenerationRequest(PROMPTS[i % len(PROMPTS)], adapter_ids[i % len(adapter_ids)], max_tokens=3 + i % 7)
         for i in range(24)
     ]
+    steps = check_concurrent_answers(engine, requests, uncached)
+    assert steps < sum(r.max_tokens for r in requests)  # requests shared steps
+
+
+def check_concurrent_answers(engine: Engine, requests: list[GenerationRequest], uncached) -> int:
+    """Send each request from its own thread through the engine's loop, check every answer against the
+    uncached oracle, and return the loop's steps."""
     outcomes: dict[int, object] = {}
     engine.start_loop()
     try:
@@ -212,7 +219,7 @@ def test_the_loop_thread_serves_concurrent_submitters_exactly(engine, family, un
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(60)
+            thread.join(120)
         steps = engine.loop.steps
     finally:
         engine.stop_loop()
@@ -222,7 +229,7 @@ def test_the_loop_thread_serves_concurrent_submitters_exactly(engine, family, un
         assert isinstance(outcome, GenerationResult), outcome
         expected = uncached(list(request.input_ids), request.adapter_id, request.max_tokens)
         assert outcome.output_ids == expected, (i, request)
-    assert steps < sum(r.max_tokens for r in requests)  # requests shared steps
+    return steps
 
 
 def test_a_stopped_loop_answers_everything_it_holds_with_an_error(engine, family):
@@ -267,24 +274,6 @@ def test_more_adapters_than_the_device_holds_still_answer_exactly(family, uncach
         GenerationRequest(PROMPTS[i % len(PROMPTS)], adapter_ids[i % len(adapter_ids)], max_tokens=3 + i % 7)
         for i in range(24)
     ]
-    outcomes: dict[int, object] = {}
-    small.start_loop()
-    try:
-
-        def send(i: int) -> None:
-            (outcomes[i],) = small.generate([requests[i]])
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-    finally:
-        small.stop_loop()
-    for i, request in enumerate(requests):
-        outcome = outcomes[i]
-        assert isinstance(outcome, GenerationResult), outcome
-        expected = uncached(list(request.input_ids), request.adapter_id, request.max_tokens)
-        assert outcome.output_ids == expected, (i, request)
+    check_concurrent_answers(small, requests, uncached)
     assert small.adapters.evictions > 0 and small.adapters.loads >= len(adapter_ids) - 1
     assert len(small.bank) <= 2

@@ -36,7 +36,7 @@ class Fingerprint:
 def kind_and_shape(adapter: Adapter) -> tuple[str, str]:
     """('lora', 'r=8') or ('bottleneck', 'width=16'): what the listing shows."""
     if isinstance(adapter, BottleneckAdapter):
-        widths = sorted({int(w.down.shape[0]) for w in adapter.places.values()})
+        widths = sorted({w.size for w in adapter.places.values()})
         return "bottleneck", "width=" + "/".join(map(str, widths))
     ranks = sorted({w.rank for w in adapter.modules.values()})
     return "lora", "r=" + "/".join(map(str, ranks))
