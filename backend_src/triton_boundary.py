@@ -36,7 +36,7 @@ _CODES = {
 
 
 # Triton 2.51 hands a BLS caller every error as INTERNAL and streams errors without their code (gRPC stream,
-# SSE). `generate_stream` starts its messages with the code, "[NOT_FOUND] adapter 'x' is not loaded", and
+# SSE). `generate_stream` starts its messages with the code, "[NOT_FOUND] adapter 'x' does not exist", and
 # its front `generate` restores the code from it (`untagged_error`); stream clients read it too.
 _TAGGED = re.compile(r"\[([A-Z_]+)\] (.*)", re.DOTALL)
 

@@ -9,7 +9,7 @@ alone), hands it to the engine loop and returns; the loop computes, and a respon
 - `stream` false: one final response with the whole text. `generate` (backend_src/triton_front.py) calls this
   model that way through BLS, so both models share this one engine.
 
-Errors: every error message starts with its code, "[NOT_FOUND] adapter 'x' is not loaded on this server",
+Errors: every error message starts with its code, "[NOT_FOUND] adapter 'x' does not exist on this server",
 since Triton 2.51 passes no code with a streamed error (gRPC stream, SSE) or a BLS answer.
 
 Cancellation: a client that cancels its gRPC stream, disconnects from SSE or passes its deadline is noticed by

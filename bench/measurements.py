@@ -100,7 +100,7 @@ def describe_bottlenecks(engine: Engine, adapter_dir: Path, spec: ModelSpec) -> 
     """The bench's bottleneck adapters as the engine holds them, their width read by the core's parser."""
     infos = []
     for kind in spec.bottleneck_kinds:
-        entry = engine.bank.resolve(kind)
+        entry = engine.resolve(kind)
         config = json.loads((adapter_dir / kind / BOTTLENECK_CONFIG_FILE).read_text())
         width = BottleneckSpec.from_dict(kind, config).bottleneck_size(0, spec.hidden)
         infos.append(BottleneckInfo(kind, entry.slot, int(width or 0), len(entry.places), entry.nbytes))
@@ -109,13 +109,13 @@ def describe_bottlenecks(engine: Engine, adapter_dir: Path, spec: ModelSpec) -> 
 
 def lora_slots(engine: Engine, spec: ModelSpec, count: int) -> list[int]:
     """Bank slots of the first `count` LoRA adapters (a0, a1, ...)."""
-    return [engine.bank.resolve(adapter_id).slot for adapter_id in spec.adapter_ids()[:count]]
+    return [engine.resolve(adapter_id).slot for adapter_id in spec.adapter_ids()[:count]]
 
 
 def kinds_batch(engine: Engine, plan: Plan) -> tuple[list[int], int]:
     """Slots of a batch mixing every kind: LoRA a0, a1, ... then one row per bottleneck preset, then one
     base row (B=8 with three presets: 4 LoRA + 3 bottleneck + 1 base). Also returns the LoRA row count."""
-    bottleneck = [engine.bank.resolve(kind).slot for kind in plan.spec.bottleneck_kinds]
+    bottleneck = [engine.resolve(kind).slot for kind in plan.spec.bottleneck_kinds]
     n_lora = plan.batch - len(bottleneck) - 1
     return [*lora_slots(engine, plan.spec, n_lora), *bottleneck, BASE_SLOT], n_lora
 

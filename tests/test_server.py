@@ -109,7 +109,7 @@ def test_one_bad_request_in_a_burst_fails_alone(client, tiny_model, offline_engi
 
 
 ERRORS = [
-    (dict(text="hi", adapter_id="nope"), "NOT_FOUND", "adapter 'nope' is not loaded"),
+    (dict(text="hi", adapter_id="nope"), "NOT_FOUND", "adapter 'nope' does not exist on this server"),
     (dict(text="hi", adapter_id="broken"), "NOT_FOUND", "adapter 'broken' is not servable: use_dora"),
     (dict(text="hi", adapter_id="../alpha"), "INVALID_ARG", "invalid adapter_id"),
     (dict(text="hi", adapter_id="/etc/passwd"), "INVALID_ARG", "invalid adapter_id"),

@@ -33,7 +33,7 @@ class AdapterNotFound(RequestError):
     def __init__(self, adapter_id: str, refused_because: str | None = None):
         shown = adapter_id if len(adapter_id) <= 64 else adapter_id[:64] + "..."
         if refused_because is None:
-            message = f"adapter {shown!r} is not loaded on this server"
+            message = f"adapter {shown!r} does not exist on this server"
         else:
             message = f"adapter {shown!r} is not servable: {refused_because}"
         super().__init__(message)
