@@ -18,6 +18,7 @@ SERVE_ARGS ?=
 BENCH_ARGS ?=
 SERVING_BENCH_ARGS ?=
 CONTINUOUS_BENCH_ARGS ?=
+CACHE_BENCH_ARGS ?=
 # Load test (python -m loadtest; traffic options in LOADTEST_ARGS, e.g. LOADTEST_ARGS='--popularity zipf:1.2').
 HOST ?= 127.0.0.1
 USERS ?= 16
@@ -63,6 +64,8 @@ tiny-model: $(TINY_STAMP)
 $(TINY_STAMP): | $(VENV_STAMP)
 	$(VENV_PY) -m tools.tiny_model --out $(TINY_DIR)
 
+# The adapter cache and tenants: ADAPTER_DEVICE_BYTES=512MiB ADAPTER_HOST_BYTES=2GiB PRELOAD='*'|ids|'' PIN=ids
+# TENANTS=path/to/tenants.json (the launcher reads these from the environment; see python -m server --help).
 serve: $(VENV_STAMP) $(SERVE_DEPS)
 	$(VENV_PY) -m server \
 		--base-model "$(SERVE_BASE_MODEL)" \
@@ -84,11 +87,13 @@ test: $(VENV_STAMP)
 lint: $(VENV_STAMP)
 	$(VENV)/bin/ruff check .
 
-# In-process core benchmark, then the adapter bank against merged variants through the real server.
+# In-process core benchmark, the adapter bank against merged variants and continuous batching through the
+# real server, then the adapter cache (cold adapters, 1,000 in the store, a working set over the budget).
 bench: $(VENV_STAMP)
 	$(VENV_PY) -m bench $(BENCH_ARGS)
 	$(VENV_PY) -m bench.serving $(SERVING_BENCH_ARGS)
 	$(VENV_PY) -m bench.continuous $(CONTINUOUS_BENCH_ARGS)
+	$(VENV_PY) -m bench.adapter_cache $(CACHE_BENCH_ARGS)
 
 # Locust against a running server (HOST, HTTP_PORT, GRPC_PORT); every answer checked; reports in build/loadtest/.
 loadtest: $(VENV_STAMP)

@@ -105,6 +105,20 @@ def required_bytes(request: pb_utils.InferenceRequest, name: str) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode("utf-8")
 
 
+def optional_text(request: pb_utils.InferenceRequest, name: str) -> str | None:
+    """The UTF-8 text of an optional one-element BYTES input, or None when the client left it out."""
+    array = _one_element(request, name)
+    if array is None:
+        return None
+    value = array[0]
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{name} is not valid UTF-8") from None
+
+
 def optional_scalar(request: pb_utils.InferenceRequest, name: str, kind: type) -> Any:
     """int / float value of an optional one-element input, or None when the client left it out."""
     array = _one_element(request, name)

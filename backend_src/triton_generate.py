@@ -45,6 +45,7 @@ from triton_boundary import (
     instance_device,
     model_parameters,
     optional_scalar,
+    optional_text,
     required_bytes,
     route_logging_to_triton,
 )
@@ -53,6 +54,9 @@ log = logging.getLogger("triton_generate")
 
 CANCEL_KEY = "multiadapter_cancel_key"  # request parameter: a secret the caller may cancel this request by
 CANCEL = "multiadapter_cancel"  # request parameter of a control request: cancel the request with this key
+# Request parameter of a control request: answer with the adapter cache's listing (JSON in text_output),
+# filtered to the request's tenant under a tenant policy.
+LISTING = "multiadapter_adapters"
 EARLY_CANCELS_KEPT = 1024
 
 
@@ -82,6 +86,7 @@ def parse_text_request(request, codec: TextCodec) -> TextRequest:
             top_p=optional_scalar(request, "top_p", float),
             top_k=optional_scalar(request, "top_k", int),
             seed=optional_scalar(request, "seed", int),
+            tenant_id=optional_text(request, "tenant_id"),
         ),
         stream=True if stream is None else stream,
     )
@@ -93,7 +98,7 @@ def text_response(
     return pb_utils.InferenceResponse(
         output_tensors=[
             bytes_tensor("text_output", text),
-            bytes_tensor("adapter_id", adapter_id),
+            bytes_tensor("served_adapter_id", adapter_id),
             bytes_tensor("adapter_version", adapter_version),
             count_tensor("generated_tokens", generated),
             bytes_tensor("finish_reason", finish_reason),
@@ -226,6 +231,9 @@ class TritonPythonModel:
                     self._cancel_by_key(str(params[CANCEL]))
                     sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                     continue
+                if params.get(LISTING):
+                    sender.send(self._listing(request), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    continue
                 parsed = parse_text_request(request, self.codec)
                 item = self.engine.sequence_for(parsed.generation)
             except RequestError as exc:
@@ -245,6 +253,11 @@ class TritonPythonModel:
                 self.watch.watch(id(reply), reply, lambda item=item: self.engine.cancel(item))
             self.engine.enqueue(item, reply)
         return None
+
+    def _listing(self, request) -> pb_utils.InferenceResponse:
+        """The control request LISTING: the cache's listing as JSON in text_output. Raises RequestError."""
+        listing = self.engine.listing(optional_text(request, "tenant_id"))
+        return text_response(json.dumps(listing), "", "", 0, "listing")
 
     def forget(self, reply: _Reply) -> None:
         """`reply` is answered: stop watching it."""
@@ -270,8 +283,14 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             senders.append(request.get_response_sender())
             try:
-                if CANCEL in request_parameters(request):
+                params = request_parameters(request)
+                if CANCEL in params:
                     senders[i].send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    continue
+                if params.get(LISTING):
+                    senders[i].send(
+                        self._listing(request), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+                    )
                     continue
                 parsed.append(parse_text_request(request, self.codec).generation)
                 positions.append(i)

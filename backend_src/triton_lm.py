@@ -27,6 +27,7 @@ from triton_boundary import (
     instance_device,
     model_parameters,
     optional_scalar,
+    optional_text,
     required_bytes,
     route_logging_to_triton,
     token_ids,
@@ -44,6 +45,7 @@ def parse_request(request) -> GenerationRequest:
         top_p=optional_scalar(request, "top_p", float),
         top_k=optional_scalar(request, "top_k", int),
         seed=optional_scalar(request, "seed", int),
+        tenant_id=optional_text(request, "tenant_id"),
     )
 
 

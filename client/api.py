@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import http.client
+import json
 import queue
 import threading
 import time
@@ -33,7 +34,10 @@ OPTIONAL_INPUTS = (
     ("top_k", "INT32"),
     ("seed", "INT64"),
 )
-OUTPUTS = ("text_output", "adapter_id", "adapter_version", "generated_tokens")
+# The request parameter that asks the serving model for its adapter listing instead of text.
+LISTING_PARAMETER = "multiadapter_adapters"
+# served_adapter_id: the adapter that answered (with a tenant's default, not the request's adapter_id).
+OUTPUTS = ("text_output", "served_adapter_id", "adapter_version", "generated_tokens")
 
 # Triton's HTTP front end folds several core codes into one status: 2.51 answers 400 for INVALID_ARG,
 # UNKNOWN, ALREADY_EXISTS and CANCELLED alike, so over HTTP those all read as INVALID_ARG.
@@ -121,7 +125,8 @@ class RequestFailed(Exception):
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
     """One generation request. `text` / `adapter_id` given as bytes are sent unchanged (even if not
-    UTF-8); str is UTF-8 encoded. `adapter_id=""` selects the bare base model."""
+    UTF-8); str is UTF-8 encoded. `adapter_id=""` selects the bare base model, or with a tenant policy on the
+    server the tenant's default adapter; `tenant_id` is sent when set."""
 
     text: str | bytes
     adapter_id: str | bytes = ""
@@ -130,6 +135,7 @@ class GenerateRequest:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    tenant_id: str | bytes | None = None
 
     def __post_init__(self) -> None:
         problems = [
@@ -137,6 +143,8 @@ class GenerateRequest:
             for name in ("text", "adapter_id")
             if not isinstance(getattr(self, name), (str, bytes))
         ]
+        if self.tenant_id is not None and not isinstance(self.tenant_id, (str, bytes)):
+            problems.append(f"tenant_id must be str or bytes, got {type(self.tenant_id).__name__}")
         for name, triton_dtype in OPTIONAL_INPUTS:
             problem = _check_scalar(name, getattr(self, name), triton_to_np_dtype(triton_dtype))
             if problem:
@@ -186,6 +194,8 @@ def build_inputs(request: GenerateRequest, module: ModuleType) -> list[Any]:
         ("text_input", "BYTES", _as_bytes(request.text)),
         ("adapter_id", "BYTES", _as_bytes(request.adapter_id)),
     ]
+    if request.tenant_id is not None:
+        tensors.append(("tenant_id", "BYTES", _as_bytes(request.tenant_id)))
     tensors += [
         (name, triton_dtype, getattr(request, name))
         for name, triton_dtype in OPTIONAL_INPUTS
@@ -353,6 +363,30 @@ class AdapterClient:
         """Send one request; raises `RequestFailed` for any server, transport or protocol error."""
         return self._generate_on(self._client(), request)
 
+    def adapters(self, tenant_id: str | None = None) -> dict[str, Any]:
+        """The serving model's adapter cache: every adapter of the store with its tier, kind, shape, version,
+        bytes, pin and use, the budgets and their use (see `AdapterListing` in the engine). A control
+        request to this client's model (parameter `multiadapter_adapters`); with a tenant policy the server
+        lists only what `tenant_id` may use. Raises RequestFailed."""
+        request = GenerateRequest("", "", tenant_id=tenant_id)
+        inputs = build_inputs(request, self._module)
+        outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
+        with self._failures():
+            result = self._client().infer(
+                self.model,
+                inputs,
+                outputs=outputs,
+                parameters={LISTING_PARAMETER: True},
+                **self._grpc_timeout(),
+            )
+        try:
+            listing = json.loads(output_text(result, "text_output"))
+        except ValueError as exc:
+            raise RequestFailed("INTERNAL", f"the listing is not JSON: {exc}") from None
+        if not isinstance(listing, dict) or not isinstance(listing.get("adapters"), list):
+            raise RequestFailed("INTERNAL", "the listing has no adapters")
+        return listing
+
     def generate_on_model(self, model: str, request: GenerateRequest) -> GenerateResult:
         """`generate` on another model of the same contract (e.g. `generate_merged_<id>`)."""
         return self._generate_on(self._client(), request, model)
@@ -366,7 +400,7 @@ class AdapterClient:
         latency_s = time.perf_counter() - start
         return GenerateResult(
             text=output_text(result, "text_output"),
-            adapter_id=output_text(result, "adapter_id"),
+            adapter_id=output_text(result, "served_adapter_id"),
             adapter_version=output_text(result, "adapter_version"),
             latency_s=latency_s,
             generated_tokens=output_count(result, "generated_tokens"),

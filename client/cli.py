@@ -1,6 +1,7 @@
 """`python -m client generate ...`: one request, or a concurrent burst with a latency summary.
 `python -m client compare --adapter ID`: the adapter bank against the merged variant of ID, side by side.
 `python -m client health`: one canary inference per served generate model; fails naming any that fails.
+`python -m client adapters`: the serving model's adapters (tier, kind, shape, version, bytes) and budgets.
 
 Exit status: 0 all requests succeeded, 1 some request failed, 2 bad usage or no ready server.
 """
@@ -8,6 +9,7 @@ Exit status: 0 all requests succeeded, 1 some request failed, 2 bad usage or no 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="adapter id ('' = base model); repeat it to spread --repeat requests round-robin",
     )
+    gen.add_argument("--tenant", metavar="ID", help="tenant id (servers with a tenant policy need one)")
     gen.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
     gen.add_argument("--url", help="host:port (default localhost:8000 for HTTP, localhost:8001 for gRPC)")
     gen.add_argument("--model", default="generate", help="Triton model name (default: generate)")
@@ -114,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--timeout", type=float, default=10.0, metavar="S", help="per-canary timeout in seconds (10)"
     )
+    listing = commands.add_parser(
+        "adapters", help="the adapters of the serving model's store: tier, kind, shape, version, bytes, use"
+    )
+    listing.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
+    listing.add_argument("--url", help="host:port (default localhost:8000 for HTTP, localhost:8001 for gRPC)")
+    listing.add_argument("--model", default="generate", help="Triton model name (default: generate)")
+    listing.add_argument("--tenant", metavar="ID", help="list what this tenant may use (tenant policy)")
+    listing.add_argument("--json", action="store_true", help="print the server's JSON as it is")
+    listing.add_argument("--timeout", type=float, default=10.0, metavar="S", help="timeout in seconds (10)")
     return parser
 
 
@@ -145,6 +157,7 @@ def requests_from_args(args: argparse.Namespace) -> list[GenerateRequest]:
             top_p=args.top_p,
             top_k=args.top_k,
             seed=args.seed,
+            tenant_id=args.tenant,
         )
         for i in range(args.repeat or 1)
     ]
@@ -346,9 +359,61 @@ def _run_health(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def format_listing(listing: dict) -> str:
+    """The listing as a table: one line per adapter, then the budgets and counters."""
+    rows = listing["adapters"]
+    lines = [f"{'adapter':<24} {'tier':<28} {'kind':<10} {'shape':<10} {'version':<12} {'bytes':>10}  use"]
+    for row in rows:
+        use = ("pinned " if row.get("pinned") else "") + (
+            f"{row['in_use']} running" if row.get("in_use") else ""
+        )
+        tier = row["tier"] + (f": {row['reason']}" if row.get("reason") else "")
+        version = (row.get("version") or "-")[:_VERSION_CHARS]
+        line = (
+            f"{row['adapter_id']:<24} {tier:<28} {row.get('kind') or '-':<10} {row.get('shape') or '-':<10} "
+            f"{version:<12} {_size(row.get('nbytes', 0)):>10}  {use}"
+        )
+        lines.append(line.rstrip())
+    usage = listing.get("usage", {})
+    if usage:
+        lines.append(
+            f"device {_size(usage['device_bytes'])} of {_size(usage['device_budget'])} "
+            f"({usage['slots']} of {usage['slot_capacity']} slots); "
+            f"host {_size(usage['host_bytes'])} of {_size(usage['host_budget'])}; "
+            f"loads {listing.get('loads', 0)} from the store, "
+            f"{listing.get('device_loads', 0)} onto the device, evictions {listing.get('evictions', 0)}"
+        )
+    return "\n".join(lines)
+
+
+def _run_adapters(args: argparse.Namespace) -> int:
+    try:
+        with AdapterClient(
+            args.url, protocol="grpc" if args.grpc else "http", model=args.model, timeout_s=args.timeout
+        ) as client:
+            listing = client.adapters(args.tenant)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RequestFailed as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(listing, indent=2) if args.json else format_listing(listing))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.command == "adapters":
+            return _run_adapters(args)
         if args.command == "compare":
             return _run_compare(args)
         if args.command == "health":

@@ -37,15 +37,17 @@ class CanaryResult:
         return self.code == "UNAVAILABLE"
 
 
-def canary_request() -> GenerateRequest:
-    return GenerateRequest(CANARY_PROMPT, "", max_tokens=1, temperature=0.0)
+def canary_request(tenant_id: str | None = None) -> GenerateRequest:
+    """The canary; ``tenant_id`` is the launcher's canary tenant, which a server with a tenant policy serves
+    the bare base (see multiadapter.environment)."""
+    return GenerateRequest(CANARY_PROMPT, "", max_tokens=1, temperature=0.0, tenant_id=tenant_id)
 
 
-def run_canary(client: AdapterClient, model: str) -> CanaryResult:
+def run_canary(client: AdapterClient, model: str, tenant_id: str | None = None) -> CanaryResult:
     """Send the canary to ``model`` through ``client``'s server; never raises for a failed request."""
     start = time.perf_counter()
     try:
-        result = client.generate_on_model(model, canary_request())
+        result = client.generate_on_model(model, canary_request(tenant_id))
     except RequestFailed as failure:
         return CanaryResult(model, False, time.perf_counter() - start, failure.code, failure.message)
     if result.generated_tokens < 1:
@@ -76,6 +78,7 @@ def check(
     protocol: str = "http",
     models: Sequence[str] = (),
     timeout_s: float = 10.0,
+    tenant_id: str | None = None,
 ) -> list[CanaryResult]:
     """The canary of each model in ``models`` (default: every `generate`-contract model served), in order.
 
@@ -83,4 +86,4 @@ def check(
     """
     with AdapterClient(url, protocol=protocol, timeout_s=timeout_s) as client:
         names = list(models) or generate_models(client)
-        return [run_canary(client, name) for name in names]
+        return [run_canary(client, name, tenant_id) for name in names]

@@ -34,7 +34,7 @@ from client.api import (
 
 STREAM_MODEL = "generate_stream"
 _TAGGED = re.compile(r"\[([A-Z_]+)\] (.*)", re.DOTALL)
-STREAM_OUTPUTS = ("text_output", "adapter_id", "adapter_version", "generated_tokens", "finish_reason")
+STREAM_OUTPUTS = ("text_output", "served_adapter_id", "adapter_version", "generated_tokens", "finish_reason")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +115,8 @@ def _sse_stream(
         "adapter_id": _text(request.adapter_id),
         "stream": stream,
     }
+    if request.tenant_id is not None:
+        body["tenant_id"] = _text(request.tenant_id)
     body.update(
         {name: getattr(request, name) for name, _ in OPTIONAL_INPUTS if getattr(request, name) is not None}
     )
@@ -146,7 +148,7 @@ def _sse_stream(
                 text=event["text_output"],
                 generated_tokens=int(event["generated_tokens"]),
                 finish_reason=event["finish_reason"],
-                adapter_id=event["adapter_id"],
+                adapter_id=event["served_adapter_id"],
                 adapter_version=event["adapter_version"],
                 elapsed_s=time.perf_counter() - start,
             )
@@ -183,7 +185,7 @@ def _chunk(result: Any, elapsed_s: float) -> StreamChunk:
         text=output_text(result, "text_output"),
         generated_tokens=output_count(result, "generated_tokens"),
         finish_reason=output_text(result, "finish_reason"),
-        adapter_id=output_text(result, "adapter_id"),
+        adapter_id=output_text(result, "served_adapter_id"),
         adapter_version=output_text(result, "adapter_version"),
         elapsed_s=elapsed_s,
     )

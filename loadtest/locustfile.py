@@ -281,7 +281,7 @@ class GenerateUser(User):
             )
         return Answer(
             output_text(result, "text_output"),
-            output_text(result, "adapter_id"),
+            output_text(result, "served_adapter_id"),
             output_count(result, "generated_tokens"),
         )
 

@@ -13,6 +13,15 @@ from server.model_control import ADMIN_HEADER
 from server.triton_install import TritonInstall
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BACKEND_SRC = PROJECT_ROOT / "backend_src"
+if str(BACKEND_SRC) not in sys.path:
+    sys.path.insert(0, str(BACKEND_SRC))
+
+from multiadapter.environment import ENV_PREFIX  # noqa: E402 (torch-free, like the parsers below)
+from multiadapter.errors import ConfigError  # noqa: E402
+from multiadapter.parsing import adapter_id_list, parse_bytes  # noqa: E402
+from multiadapter.tenants import TenantPolicy  # noqa: E402
+
 DEFAULT_MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
 DEFAULT_BUILD_ROOT = PROJECT_ROOT / "build" / "triton"
 
@@ -22,6 +31,12 @@ DEFAULT_EXIT_TIMEOUT_SECS = 10  # long enough for torch stubs to unload (~5 s on
 # The Python models read these (the backend stubs inherit tritonserver's environment).
 BASE_MODEL_ENV = "MULTIADAPTER_BASE_MODEL"
 ADAPTER_DIR_ENV = "MULTIADAPTER_ADAPTER_DIR"
+CANARY_TENANT_ENV = "MULTIADAPTER_CANARY_TENANT"
+
+
+def canary_tenant(admin_token: str) -> str:
+    """The tenant id the health canary sends: secret like the token, allowed only the bare base."""
+    return f"canary-{admin_token}"
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,13 @@ class ServerConfig:
     log_verbose: int = 0
     exit_timeout_secs: int = DEFAULT_EXIT_TIMEOUT_SECS
     extra_args: tuple[str, ...] = ()
+    # The adapter cache and tenant routing (model parameters of generate_stream, passed as $MULTIADAPTER_*):
+    # None leaves the model's config.pbtxt in force.
+    adapter_device_bytes: str | None = None
+    adapter_host_bytes: str | None = None
+    preload_adapters: str | None = None
+    pinned_adapters: str | None = None
+    tenant_policy: Path | None = None
     # With a token, models are loaded under explicit model control and the model-repository API answers
     # only requests carrying it (header ADMIN_HEADER): the launcher's supervisor reloads models with it.
     admin_token: str | None = None
@@ -65,6 +87,16 @@ class ServerConfig:
     def metrics_url(self) -> str:
         return f"{self.connect_host}:{self.metrics_port}"
 
+    def engine_settings(self) -> dict[str, str | None]:
+        """The engine's parameters this launch overrides (multiadapter.environment.ENV_OVERRIDES)."""
+        return {
+            "adapter_device_bytes": self.adapter_device_bytes,
+            "adapter_host_bytes": self.adapter_host_bytes,
+            "preload_adapters": self.preload_adapters,
+            "pinned_adapters": self.pinned_adapters,
+            "tenant_policy": None if self.tenant_policy is None else str(self.tenant_policy),
+        }
+
     def validated(self) -> ServerConfig:
         """A copy with absolute paths; LaunchError listing every problem found."""
         config = replace(
@@ -72,6 +104,7 @@ class ServerConfig:
             model_repository=self.model_repository.expanduser().resolve(),
             base_model=_absolute(self.base_model),
             adapter_dir=_absolute(self.adapter_dir),
+            tenant_policy=_absolute(self.tenant_policy),
             extra_repositories=tuple(path.expanduser().resolve() for path in self.extra_repositories),
         )
         problems = config._problems()
@@ -99,6 +132,24 @@ class ServerConfig:
             problems.append(f"HTTP, gRPC and metrics ports must differ, got {self.ports}")
         if self.exit_timeout_secs < 0:
             problems.append(f"exit timeout {self.exit_timeout_secs} s is negative")
+        for name, size in (("device", self.adapter_device_bytes), ("host", self.adapter_host_bytes)):
+            if size is not None:
+                try:
+                    if parse_bytes(size) < 1:
+                        problems.append(f"the adapter {name} budget must be at least 1 byte")
+                except ValueError as exc:
+                    problems.append(f"adapter {name} budget: {exc}")
+        for name, ids in (("preload", self.preload_adapters), ("pin", self.pinned_adapters)):
+            if ids is not None and not (name == "preload" and ids.strip() == "*"):
+                try:
+                    adapter_id_list(ids)
+                except ValueError as exc:
+                    problems.append(f"--{name}: {exc}")
+        if self.tenant_policy is not None:
+            try:
+                TenantPolicy.read(self.tenant_policy)
+            except ConfigError as exc:
+                problems.append(str(exc))
         if self.admin_token is not None and not self.admin_token.isalnum():
             problems.append("the admin token must be letters and digits")
         return problems
@@ -155,6 +206,15 @@ def tritonserver_env(
             env.pop(name, None)
         else:
             env[name] = str(path)
+    for key, value in config.engine_settings().items():
+        if value is None:
+            env.pop(ENV_PREFIX + key.upper(), None)
+        else:
+            env[ENV_PREFIX + key.upper()] = value
+    if config.admin_token:
+        env[CANARY_TENANT_ENV] = canary_tenant(config.admin_token)
+    else:
+        env.pop(CANARY_TENANT_ENV, None)
     return env
 
 

@@ -77,6 +77,39 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="comma-separated LoRA adapter ids to also serve as merged-weight variants "
         "(generate_merged_<id>), built first where missing (env MERGED)",
     )
+    cache = parser.add_argument_group("adapter cache and tenants (default: the model's config.pbtxt)")
+    cache.add_argument(
+        "--adapter-device-bytes",
+        default=environ.get("ADAPTER_DEVICE_BYTES") or None,
+        metavar="SIZE",
+        help="bytes of adapter weights on the device, e.g. 512MiB (env ADAPTER_DEVICE_BYTES; default 1GiB)",
+    )
+    cache.add_argument(
+        "--adapter-host-bytes",
+        default=environ.get("ADAPTER_HOST_BYTES") or None,
+        metavar="SIZE",
+        help="bytes of validated adapters kept in host memory (env ADAPTER_HOST_BYTES; default 2GiB)",
+    )
+    cache.add_argument(
+        "--preload",
+        default=environ.get("PRELOAD"),
+        metavar="IDS",
+        help="adapters loaded at start: '*' (all that fit, the default), ids separated by commas, or '' "
+        "for none (env PRELOAD)",
+    )
+    cache.add_argument(
+        "--pin",
+        default=environ.get("PIN") or None,
+        metavar="IDS",
+        help="adapters never evicted, ids separated by commas (env PIN)",
+    )
+    cache.add_argument(
+        "--tenants",
+        type=Path,
+        default=environ.get("TENANTS") or None,
+        metavar="FILE",
+        help="tenant policy (JSON): each request then names its tenant_id (env TENANTS)",
+    )
     parser.add_argument(
         "--address",
         default=LOOPBACK,
@@ -188,6 +221,11 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Serve
         metrics_port=args.metrics_port,
         base_model=args.base_model,
         adapter_dir=args.adapter_dir,
+        adapter_device_bytes=args.adapter_device_bytes,
+        adapter_host_bytes=args.adapter_host_bytes,
+        preload_adapters=args.preload,
+        pinned_adapters=args.pin,
+        tenant_policy=args.tenants,
         address=args.address,
         log_verbose=args.log_verbose,
         exit_timeout_secs=args.exit_timeout_secs,

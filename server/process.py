@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from server.config import (
     DEFAULT_BUILD_ROOT,
@@ -209,11 +209,13 @@ def start_server(
     extra_repositories: Sequence[Path] = (),
     build_root: Path = DEFAULT_BUILD_ROOT,
     base_env: Mapping[str, str] | None = None,
+    engine_settings: Mapping[str, Any] | None = None,
 ) -> ServerProcess:
     """Start tritonserver on loopback and return it once ``/v2/health/ready`` answers 200.
 
-    ``None`` ports are picked free. On failure the server is stopped and ServerStartError carries the
-    last log lines.
+    ``None`` ports are picked free. ``engine_settings`` are ServerConfig's adapter-cache and tenant fields
+    (adapter_device_bytes, adapter_host_bytes, preload_adapters, pinned_adapters, tenant_policy). On failure
+    the server is stopped and ServerStartError carries the last log lines.
     """
     free = iter(pick_free_ports(3, LOOPBACK))
     config = ServerConfig(
@@ -227,6 +229,7 @@ def start_server(
         exit_timeout_secs=exit_timeout_secs,
         extra_args=tuple(extra_args),
         extra_repositories=tuple(Path(path) for path in extra_repositories),
+        **(engine_settings or {}),
     )
     server = launch(
         config, log_path=log_path, log_stream=log_stream, build_root=build_root, base_env=base_env

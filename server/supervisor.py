@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.config import canary_tenant
 from server.model_control import ModelControl, ModelControlError, ModelProgress
 from server.process import STOP_MARGIN_S, ServerProcess
 from server.stubs import Stub, kill, list_stubs, process_status, remove_shm_regions
@@ -449,6 +450,8 @@ def _canary(timeout_s: float) -> Callable[[ServerProcess], list[Any]]:
     def run(server: ServerProcess) -> list[Any]:
         from client.health import check
 
-        return check(server.http_url, "http", timeout_s=timeout_s)
+        token = server.config.admin_token
+        tenant = canary_tenant(token) if token else None
+        return check(server.http_url, "http", timeout_s=timeout_s, tenant_id=tenant)
 
     return run

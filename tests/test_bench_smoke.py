@@ -63,3 +63,24 @@ def test_quick_continuous_batching_bench_writes_its_report(tmp_path: Path):
     assert len(runs["generate_stream"]["outcomes"]) == len(runs["generate_stream_request"]["outcomes"]) == 16
     texts = [[o["text"] for o in run["outcomes"]] for run in runs.values()]
     assert texts[0] == texts[1] and all(t is not None for t in texts[0])
+
+
+def test_quick_cache_bench_loads_adapters_on_demand_and_writes_its_report(tmp_path: Path):
+    """`python -m bench.adapter_cache --quick`: a store of 120 adapters, 20 in use, a device budget of a third
+    of them; every request answered (the bench raises on any failure) and the counters consistent."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.adapter_cache", "--quick", "--out", str(tmp_path), "--threads", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = (tmp_path / "adapter_cache.md").read_text()
+    assert proc.stdout.strip() == table.strip()
+    data = json.loads((tmp_path / "adapter_cache.json").read_text())
+    assert (data["store_size"], data["in_use"]) == (120, 20)
+    assert len(data["cold_ms"]) == len(data["warm_ms"]) >= 1
+    assert 0 < data["loads"] < data["requests"] and 0 < data["hit_rate"] < 1  # misses, and hits
+    assert data["scale_ratio"] > 0 and data["small_device_ratio"] > 0
+    assert "| cold adapter: first request / warm request" in table

@@ -564,3 +564,68 @@ def test_merged_variants_are_built_and_added_as_repositories(tiny_model, tmp_pat
         f"merged_{adapter_id}",
     ]
     assert with_merged_variants(config, ()) is config
+
+
+# --- the adapter cache and tenants -----------------------------------------------------------------------
+
+
+def test_cache_and_tenant_flags_come_from_the_command_line_or_the_environment(tmp_path: Path) -> None:
+    environ = {"ADAPTER_DEVICE_BYTES": "256MiB", "PRELOAD": "", "TENANTS": "/etc/tenants.json"}
+    config, _ = parse_config(["--adapter-host-bytes", "1GiB", "--pin", "a,b"], environ)
+    assert config.engine_settings() == {
+        "adapter_device_bytes": "256MiB",
+        "adapter_host_bytes": "1GiB",
+        "preload_adapters": "",  # PRELOAD= empty: preload none
+        "pinned_adapters": "a,b",
+        "tenant_policy": "/etc/tenants.json",
+    }
+    config, _ = parse_config([], {})
+    assert set(config.engine_settings().values()) == {None}  # the model's config.pbtxt stays in force
+
+
+def test_cache_settings_reach_the_models_environment_and_stale_ones_are_dropped(
+    install: TritonInstall, tmp_path: Path
+) -> None:
+    from multiadapter.config import EngineConfig
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    policy = tmp_path / "tenants.json"
+    policy.write_text(json.dumps({"tenants": {"acme": {"default": "", "allow": []}}}))
+    config = make_config(
+        tmp_path,
+        base_model=tmp_path / "base",
+        adapter_device_bytes="64KiB",
+        preload_adapters="",
+        pinned_adapters="x",
+        tenant_policy=policy,
+        admin_token="abc123",
+    ).validated()
+    stale = {"PATH": "/bin", "MULTIADAPTER_ADAPTER_HOST_BYTES": "1"}
+    env = tritonserver_env(install, config, stale)
+    assert "MULTIADAPTER_ADAPTER_HOST_BYTES" not in env
+    assert env["MULTIADAPTER_PRELOAD_ADAPTERS"] == ""
+    # The model reads them back as the launcher meant them.
+    engine = EngineConfig.from_parameters({"adapter_host_bytes": "3MiB", "preload_adapters": "*"}, env)
+    assert engine.adapter_device_bytes == 64 << 10
+    assert engine.adapter_host_bytes == 3 << 20  # not overridden: config.pbtxt's value
+    assert engine.preload_adapters == ()
+    assert engine.pinned_adapters == ("x",)
+    assert engine.tenant_policy == policy
+    assert engine.canary_tenant == "canary-abc123"
+
+
+def test_bad_cache_and_tenant_settings_are_refused_before_starting(tmp_path: Path) -> None:
+    (tmp_path / "tenants.json").write_text('{"tenants": {"a": {"default": "b", "allow": []}}}')
+    config = make_config(
+        tmp_path,
+        adapter_device_bytes="lots",
+        adapter_host_bytes="0",
+        pinned_adapters="../etc",
+        tenant_policy=tmp_path / "tenants.json",
+    )
+    with pytest.raises(LaunchError) as error:
+        config.validated()
+    message = str(error.value)
+    for problem in ("'lots' is not a size", "host budget must be at least 1 byte", "--pin", "not in its"):
+        assert problem in message, message

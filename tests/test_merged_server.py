@@ -51,9 +51,9 @@ def test_merged_variant_serves_an_empty_adapter_id_as_its_own_adapter(demo_serve
     assert isinstance(result, GenerateResult) and isinstance(bank, GenerateResult)
     assert result.text == get_task("upper").apply(prompts[0]) == bank.text
     assert result.adapter_version == bank.adapter_version
-    # The ensemble's adapter_id output is the request's own tensor of that name (Triton ensembles give an
-    # output that shares an input's name the input's value), so it echoes "" here.
-    assert result.adapter_id == ""
+    # served_adapter_id names the adapter that answered, not the request's (empty) adapter_id: an ensemble
+    # output named like an input would only echo that input.
+    assert result.adapter_id == "upper"
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

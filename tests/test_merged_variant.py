@@ -153,3 +153,34 @@ def test_merge_tool_checks_ids_before_building(tiny_model, tmp_path):
             progress=False,
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_a_merged_variant_serves_only_tenants_allowed_its_adapter(variant, tmp_path):
+    """Under a tenant policy (here from $MULTIADAPTER_TENANT_POLICY, as the launcher sets it) a merged variant
+    serves its adapter to tenants that may use it, for their empty adapter_id too; to others it fails as an
+    adapter that does not exist."""
+    from multiadapter.errors import AdapterNotFound
+    from multiadapter.tenants import TenantRefused
+
+    policy = tmp_path / "tenants.json"
+    policy.write_text(
+        json.dumps(
+            {
+                "tenants": {
+                    "acme": {"default": "", "allow": [variant.adapter_id]},
+                    "globex": {"default": "", "allow": []},
+                }
+            }
+        )
+    )
+    env = {"MULTIADAPTER_TENANT_POLICY": str(policy)}
+    engine = Engine.load(EngineConfig.from_parameters({"merged_model": str(variant.weights)}, env=env))
+    asked = [
+        GenerationRequest(PROMPTS[0], adapter, max_tokens=4, tenant_id=tenant)
+        for adapter, tenant in [("", "acme"), (variant.adapter_id, "acme"), ("", "globex"), ("", None)]
+    ]
+    acme_empty, acme_named, globex, nobody = engine.generate(asked)
+    assert acme_empty.adapter_id == acme_named.adapter_id == variant.adapter_id
+    assert acme_empty.output_ids == acme_named.output_ids
+    assert isinstance(globex, AdapterNotFound) and str(globex) == str(AdapterNotFound(variant.adapter_id))
+    assert isinstance(nobody, TenantRefused)

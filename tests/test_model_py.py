@@ -71,7 +71,7 @@ def test_one_response_per_request_in_order_with_typed_errors(lm, tiny_model):
     responses = answers(model, requests)
     assert not responses[0].has_error()
     assert 1 <= responses[0].output("generated_tokens")[0, 0] <= 3
-    assert responses[0].output("adapter_id")[0, 0] == adapter.encode()
+    assert responses[0].output("served_adapter_id")[0, 0] == adapter.encode()
     assert responses[0].output("adapter_version")[0, 0].startswith(b"sha256:")
     assert responses[0].output("finish_reason")[0, 0] in (b"stop", b"length")
     assert responses[1].error().code() == pb.TritonError.NOT_FOUND

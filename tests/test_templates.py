@@ -77,7 +77,7 @@ def test_every_merged_ensemble_has_the_contract_of_generate():
     generate = (ROOT / "model_repository" / "generate" / "config.pbtxt").read_text()
     for block in ("input [", "output ["):
         assert _block(template, block) == _block(generate, block)
-    assert len(_block(generate, "input [")) == 9  # 7 inputs in their brackets
+    assert len(_block(generate, "input [")) == 10  # 8 inputs in their brackets
 
 
 def test_generate_stream_takes_the_contract_of_generate_plus_stream_and_finish_reason():

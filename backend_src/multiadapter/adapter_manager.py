@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .adapter_ids import BASE_ADAPTER_ID
 from .adapter_store import Adapter, AdapterStore, Fingerprint, kind_and_shape
@@ -127,7 +127,8 @@ class AdapterManager:
         self._lock = threading.RLock()
         # background False runs loads in the caller's thread (tests, the offline engine).
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader") if background else None
-        self.loads = 0
+        self.loads = 0  # adapters read from the store (validated)
+        self.device_loads = 0  # adapters copied onto the device (from the store or the host tier)
         self.evictions = 0
 
     # --- requests -------------------------------------------------------------------------------------
@@ -274,7 +275,8 @@ class AdapterManager:
             }
 
     def listing(self) -> list[AdapterListing]:
-        """Every adapter of the store (and replaced versions still running), with its tier."""
+        """Every adapter of the store (and replaced versions still running), with its tier. Adapters only in
+        the store are described from their files (`AdapterStore.peek`), outside the lock."""
         with self._lock:
             rows = []
             store_ids = self.store.ids() if self.store is not None else []
@@ -287,7 +289,12 @@ class AdapterManager:
                 else:
                     rows.append(self._row(version))
             rows.extend(self._row(v) for v in self._by_slot.values() if not v.current)
-            return rows
+        if self.store is not None:
+            for i, row in enumerate(rows):
+                if row.tier == STORE and not row.version:
+                    kind, shape, nbytes = self.store.peek(row.adapter_id)
+                    rows[i] = replace(row, kind=kind, shape=shape, nbytes=nbytes)
+        return rows
 
     def _row(self, version: _Version) -> AdapterListing:
         tier = DEVICE if version.entry is not None else HOST if version.host is not None else STORE
@@ -478,6 +485,7 @@ class AdapterManager:
                         del self._current[adapter_id]
                     raise
                 version.entry = self.bank.add(host)
+                self.device_loads += 1
                 self._by_slot[version.entry.slot] = version
                 log.info(
                     "adapter %r %s on the device in slot %d", adapter_id, version.version, version.entry.slot

@@ -8,11 +8,13 @@ the store is refused.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapter_format import LORA, adapter_format
 from .adapter_ids import adapter_directory, discover_adapter_ids
 from .bottleneck_loading import BottleneckAdapter
 from .errors import AdapterLoadError, InvalidRequest
@@ -74,6 +76,25 @@ class AdapterStore:
                 continue  # a dangling link or a file deleted meanwhile; the loader reports what it misses
             files.append((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         return Fingerprint(tuple(files))
+
+    def peek(self, adapter_id: str) -> tuple[str, str, int]:
+        """What the listing can say of an adapter not loaded, cheaply: (kind, shape, bytes of its weight
+        files). The shape is LoRA's rank from its config ("" for a bottleneck: its width depends on the
+        base); nothing here validates, and what cannot be read is left empty."""
+        try:
+            directory = adapter_directory(self.root, adapter_id)
+            kind = adapter_format(adapter_id, directory)
+            nbytes = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+        except (InvalidRequest, AdapterLoadError, OSError):
+            return "", "", 0
+        shape = ""
+        if kind == LORA:
+            try:
+                rank = json.loads((directory / "adapter_config.json").read_bytes()).get("r")
+            except (OSError, ValueError, AttributeError):
+                rank = None
+            shape = f"r={rank}" if isinstance(rank, int) else ""
+        return kind, shape, nbytes
 
     def load(self, adapter_id: str) -> Adapter:
         """The adapter, fully validated, in host memory. Raises AdapterLoadError with every reason."""

@@ -3,46 +3,20 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .adapter_ids import check_adapter_id
 from .adapter_manager import CacheBudgets
-from .environment import ENV_ADAPTER_DIR, ENV_BASE_MODEL, ENV_PREFIX
+from .environment import ENV_ADAPTER_DIR, ENV_BASE_MODEL, ENV_CANARY_TENANT, ENV_OVERRIDES, ENV_PREFIX
 from .errors import ConfigError
 from .lora_loading import DEFAULT_MAX_ADAPTER_BYTES
 from .merged_variant import MERGED_INFO_FILE
+from .parsing import adapter_id_list, parse_bytes
 from .sampling import SamplingLimits
-
-_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9}
-# Parameters that $MULTIADAPTER_<NAME upper-cased> overrides (set by the launcher's flags).
-ENV_OVERRIDES = ("adapter_device_bytes", "adapter_host_bytes", "preload_adapters", "pinned_adapters")
-
-
-def parse_bytes(text: str) -> int:
-    """'1073741824', '512MiB', '2 GiB', '100MB' -> bytes. Raises ValueError."""
-    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(
-            f"{text!r} is not a size (an integer, optionally with B, KiB, MiB, GiB, KB, MB or GB)"
-        )
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
-
-
-def adapter_id_list(text: str) -> tuple[str, ...]:
-    """'a,b, c' -> ('a', 'b', 'c'); each checked as an adapter id. Raises ValueError."""
-    ids = tuple(part.strip() for part in text.split(",") if part.strip())
-    for adapter_id in ids:
-        try:
-            check_adapter_id(adapter_id)
-        except Exception as exc:  # InvalidRequest: a configuration problem here
-            raise ValueError(str(exc)) from exc
-    return ids
-
+from .tenants import TenantPolicy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BATCHING = ("continuous", "request")
@@ -82,6 +56,10 @@ class EngineConfig:
     adapter_host_bytes: int = CacheBudgets.host_bytes
     preload_adapters: tuple[str, ...] = ("*",)
     pinned_adapters: tuple[str, ...] = ()
+    # Tenant routing (tenants.py): a JSON policy file, re-read when it changes; None serves without tenants.
+    tenant_policy: Path | None = None
+    # The health canary's tenant ($MULTIADAPTER_CANARY_TENANT): served the bare base under a policy.
+    canary_tenant: str | None = None
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> EngineConfig:
@@ -91,7 +69,8 @@ class EngineConfig:
         max_tokens_cap, num_threads, max_adapter_bytes, batching, max_batch_rows, max_kv_tokens,
         prefill_chunk, max_waiting_requests, queue_timeout_ms, adapter_device_bytes, adapter_host_bytes
         (sizes: 512MiB, 2GiB, or bytes), preload_adapters ("*", or ids separated by commas; "" for none),
-        pinned_adapters (ids); $MULTIADAPTER_<KEY> overrides these last four. `merged_model` (a
+        pinned_adapters (ids), tenant_policy (a JSON file, tenants.py); $MULTIADAPTER_<KEY> overrides these
+        last five when set. `merged_model` (a
         merged-weight variant) takes the place of base_model and adapter_dir, and the environment does not
         override it. Unknown keys and bad values are all reported together.
         """
@@ -117,7 +96,7 @@ class EngineConfig:
         problems = [f"unknown parameter {k!r}" for k in params if k not in known]
         params = {**params}
         for key in ENV_OVERRIDES:
-            if env.get(ENV_PREFIX + key.upper()):
+            if ENV_PREFIX + key.upper() in env:  # set by the launcher, even to "" (preload none)
                 params[key] = env[ENV_PREFIX + key.upper()]
         merged = params.get("merged_model", "")
         if merged:
@@ -209,7 +188,14 @@ class EngineConfig:
             adapter_host_bytes=size("adapter_host_bytes", CacheBudgets.host_bytes),
             preload_adapters=ids("preload_adapters", ("*",)),
             pinned_adapters=ids("pinned_adapters", ()),
+            tenant_policy=Path(params["tenant_policy"]) if params.get("tenant_policy") else None,
+            canary_tenant=env.get(ENV_CANARY_TENANT) or None,
         )
+        if config.tenant_policy is not None:
+            try:
+                TenantPolicy.read(config.tenant_policy)
+            except ConfigError as exc:
+                problems.append(str(exc))
         if config.pinned_adapters == ("*",):
             problems.append("pinned_adapters takes adapter ids, not '*'")
         if problems:

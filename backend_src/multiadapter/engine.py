@@ -8,6 +8,7 @@ RequestError that failed that request alone. Rows of every adapter and the bare 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from .sampling import SamplingParams
 from .scheduler import ERROR as LOOP_ERROR
 from .scheduler import Scheduler, SchedulerLimits, StepResult
 from .scheduler import Sequence as LoopSequence
+from .tenants import TenantPolicyFile
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class GenerationRequest:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    tenant_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class Engine:
         self.pad_id = pad_id
         # A merged-weight variant serves one adapter folded into `model`, as the base slot.
         self.merged: MergedInfo | None = MergedInfo.load(config.base_model) if config.merged else None
+        self.tenants = TenantPolicyFile(config.tenant_policy) if config.tenant_policy is not None else None
         self._seeds = np.random.default_rng()
         self._lock = threading.Lock()  # the model's one user at a time: a loop step, or a direct forward
         self.scheduler = Scheduler(
@@ -245,13 +249,44 @@ class Engine:
         self.release(entry)
         return entry
 
+    def route(self, request: GenerationRequest) -> str:
+        """The adapter id that serves `request`: its own, or with a tenant policy its tenant's default when
+        it names none. Raises RequestError (invalid id; no or unknown tenant; an adapter the tenant may not
+        use fails as one that does not exist)."""
+        check_adapter_id(request.adapter_id)
+        if self.tenants is None:
+            return request.adapter_id
+        if request.tenant_id and request.tenant_id == self.config.canary_tenant and not request.adapter_id:
+            return request.adapter_id  # the launcher's health canary: the bare base, nothing else
+        if self.merged is not None:  # '' here means the merged adapter, which the tenant must be allowed
+            return self.tenants.route(request.tenant_id, request.adapter_id or self.merged.adapter_id)
+        return self.tenants.route(request.tenant_id, request.adapter_id)
+
     def prepare(self, request: GenerationRequest) -> tuple[RowRequest, BankEntry]:
         """Validate `request` into a row for the loop, and the entry serving it (loaded in this thread if
         needed, with a reference taken: `release` it). Raises RequestError."""
-        check_adapter_id(request.adapter_id)
+        adapter_id = self.route(request)
         row = self._row(request)
-        entry = self.acquire_now(request.adapter_id)
+        entry = self.acquire_now(adapter_id)
         return replace(row, slot=entry.slot), entry
+
+    def listing(self, tenant_id: str | None = None) -> dict[str, object]:
+        """What the adapter cache holds, JSON-ready: every adapter of the store with its tier, kind, shape,
+        version, bytes, pin and sequences using it; the budgets and their use; loads and evictions. With a
+        tenant policy only the adapters `tenant_id` may use are listed (RequestError for no or unknown
+        tenant, as for generation)."""
+        rows = self.adapters.listing()
+        if self.tenants is not None:
+            allowed = self.tenants.current().allowed(tenant_id)
+            rows = [row for row in rows if row.adapter_id in allowed]
+        return {
+            "adapters": [dataclasses.asdict(row) for row in rows],
+            "usage": self.adapters.usage(),
+            "loads": self.adapters.loads,
+            "device_loads": self.adapters.device_loads,
+            "evictions": self.adapters.evictions,
+            "merged": None if self.merged is None else self.merged.adapter_id,
+        }
 
     def _row(self, request: GenerationRequest) -> RowRequest:
         """`request` validated into a row (its slot still the base's). Raises RequestError."""
@@ -317,12 +352,12 @@ class Engine:
     def sequence_for(self, request: GenerationRequest) -> Submitted:
         """Validate `request` into a sequence for the loop, not yet queued (`enqueue` it). Raises
         RequestError. A resident adapter is referenced now; a cold one is loaded by `enqueue`."""
-        check_adapter_id(request.adapter_id)
+        adapter_id = self.route(request)
         row = self._row(request)
-        entry = self.acquire(request.adapter_id)
+        entry = self.acquire(adapter_id)
         if entry is not None:
             row = replace(row, slot=entry.slot)
-        return Submitted(self.scheduler.sequence(row), entry, request.adapter_id)
+        return Submitted(self.scheduler.sequence(row), entry, adapter_id)
 
     def enqueue(self, item: Submitted, listener: SequenceListener) -> None:
         """Queue a sequence from `sequence_for` in the running loop; `listener` hears from the loop thread
