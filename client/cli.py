@@ -24,6 +24,7 @@ from client.health import CanaryResult, check
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _ANSWER_CHARS = 100
 _VERSION_CHARS = 12
+_LISTED_VERSION_CHARS = 16  # sha256: and 9 hex digits
 
 
 def _positive_int(text: str) -> int:
@@ -116,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument(
         "--timeout", type=float, default=10.0, metavar="S", help="per-canary timeout in seconds (10)"
+    )
+    health.add_argument(
+        "--tenant",
+        metavar="ID",
+        help="send the canary as this tenant (a server with a tenant policy refuses requests without one; "
+        "the tenant's default adapter then answers)",
     )
     listing = commands.add_parser(
         "adapters", help="the adapters of the serving model's store: tier, kind, shape, version, bytes, use"
@@ -340,7 +347,13 @@ def format_canary(result: CanaryResult) -> str:
 
 def _run_health(args: argparse.Namespace) -> int:
     try:
-        results = check(args.url, "grpc" if args.grpc else "http", args.model or (), timeout_s=args.timeout)
+        results = check(
+            args.url,
+            "grpc" if args.grpc else "http",
+            args.model or (),
+            timeout_s=args.timeout,
+            tenant_id=args.tenant,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -369,16 +382,16 @@ def _size(nbytes: int) -> str:
 def format_listing(listing: dict) -> str:
     """The listing as a table: one line per adapter, then the budgets and counters."""
     rows = listing["adapters"]
-    lines = [f"{'adapter':<24} {'tier':<28} {'kind':<10} {'shape':<10} {'version':<12} {'bytes':>10}  use"]
+    lines = [f"{'adapter':<24} {'tier':<28} {'kind':<10} {'shape':<10} {'version':<16} {'bytes':>10}  use"]
     for row in rows:
         use = ("pinned " if row.get("pinned") else "") + (
             f"{row['in_use']} running" if row.get("in_use") else ""
         )
         tier = row["tier"] + (f": {row['reason']}" if row.get("reason") else "")
-        version = (row.get("version") or "-")[:_VERSION_CHARS]
+        version = (row.get("version") or "-")[:_LISTED_VERSION_CHARS]
         line = (
             f"{row['adapter_id']:<24} {tier:<28} {row.get('kind') or '-':<10} {row.get('shape') or '-':<10} "
-            f"{version:<12} {_size(row.get('nbytes', 0)):>10}  {use}"
+            f"{version:<16} {_size(row.get('nbytes', 0)):>10}  {use}"
         )
         lines.append(line.rstrip())
     usage = listing.get("usage", {})

@@ -370,3 +370,35 @@ def test_cli_unreachable_server_exits_2_naming_the_url(
 def test_cli_unsendable_request_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["generate", "--max-tokens", str(2**31), "hi"]) == 2
     assert "max_tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_build_inputs_sends_tenant_id_only_when_set(module) -> None:
+    inputs = build_inputs(GenerateRequest("x", "", tenant_id="acme"), module)
+    assert [i.name() for i in inputs] == ["text_input", "adapter_id", "tenant_id"]
+    assert _sent(inputs[2]).tolist() == [[b"acme"]]
+    assert "tenant_id" not in [i.name() for i in build_inputs(GenerateRequest("x"), module)]
+    with pytest.raises(ValueError, match="tenant_id must be str or bytes"):
+        GenerateRequest("x", tenant_id=3)  # type: ignore[arg-type]
+
+
+def test_the_listing_prints_one_line_per_adapter_then_the_budgets() -> None:
+    from client.cli import format_listing
+
+    listing = {
+        "adapters": [
+            {"adapter_id": "a", "tier": "device", "kind": "lora", "shape": "r=8",
+             "version": "sha256:0123456789ab", "nbytes": 2 << 20, "pinned": True, "in_use": 2, "reason": ""},
+            {"adapter_id": "b", "tier": "refused", "kind": "", "shape": "", "version": "", "nbytes": 0,
+             "pinned": False, "in_use": 0, "reason": "NaN"},
+        ],
+        "usage": {"device_bytes": 2 << 20, "device_budget": 1 << 30, "slots": 1, "slot_capacity": 64,
+                  "host_bytes": 2 << 20, "host_budget": 2 << 30},
+        "loads": 1, "device_loads": 1, "evictions": 0,
+    }  # fmt: skip
+    lines = format_listing(listing).splitlines()
+    assert len(lines) == 4
+    assert lines[1].split()[:5] == ["a", "device", "lora", "r=8", "sha256:012345678"]
+    assert lines[1].endswith("2.0 MiB  pinned 2 running")
+    assert "refused: NaN" in lines[2]
+    assert lines[3].startswith("device 2.0 MiB of 1.0 GiB (1 of 64 slots); host 2.0 MiB of 2.0 GiB")
