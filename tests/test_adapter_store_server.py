@@ -44,6 +44,7 @@ POLICY = {
     }
 }
 PROTOCOLS = ["http", "grpc"]
+ADMIN_TOKEN = "storetest0token"
 WAIT_S = 10.0  # how long a change may take to be seen here (the server checks every 1 s; CI is slow)
 LORA_WEIGHTS = "adapter_model.safetensors"
 
@@ -92,6 +93,8 @@ def store_server(tiny_model, offline_engine, tmp_path_factory):
         "adapter_host_bytes": str(device_bytes),
         "preload_adapters": "",
         "tenant_policy": policy,
+        # As under the launcher's supervisor: the models learn the canary's tenant from the admin token.
+        "admin_token": ADMIN_TOKEN,
     }
     for server in _serve_with(tmp_path_factory.mktemp("triton-store"), tiny_model, store.root, settings):
         yield server, store, policy, device_bytes
@@ -205,6 +208,20 @@ def test_a_missing_or_unknown_tenant_is_refused(store_server, protocol):
         assert missing.code == "INVALID_ARG" and "needs a tenant_id" in missing.message
         unknown = failure(lambda: ask(client, "t-alpha", tenant="initech"))
         assert unknown.code == "INVALID_ARG" and "'initech' is not known" in unknown.message
+
+
+def test_the_supervisors_canary_passes_under_a_policy_and_its_tenant_gets_only_the_base(store_server):
+    from client.health import check
+    from server.config import canary_tenant
+
+    server = store_server[0]
+    tenant = canary_tenant(ADMIN_TOKEN)
+    results = check(server.http_url, "http", timeout_s=60, tenant_id=tenant)  # what the supervisor sends
+    assert [(r.model, r.ok) for r in results] == [("generate", True)], results
+    assert not check(server.http_url, "http", timeout_s=60)[0].ok  # without it: refused for no tenant
+    with client_for(server) as client:
+        refused = failure(lambda: ask(client, "t-alpha", tenant=tenant))
+        assert refused.code == "INVALID_ARG", refused  # the canary's tenant may not use any adapter
 
 
 def test_the_policy_is_re_read_when_its_file_changes(store_server):
