@@ -277,3 +277,57 @@ def test_more_adapters_than_the_device_holds_still_answer_exactly(family, uncach
     check_concurrent_answers(small, requests, uncached)
     assert small.adapters.evictions > 0 and small.adapters.loads >= len(adapter_ids) - 1
     assert len(small.bank) <= 2
+
+
+def test_requests_waiting_for_an_adapter_load_are_bounded_and_time_out(family, monkeypatch):
+    """A request whose adapter is loading waits outside the loop: at most max_waiting_requests of them (the
+    rest UNAVAILABLE at once), and queue_timeout_ms counts the load's time too. The load itself is held back
+    here by a gate in front of the real store."""
+    from multiadapter.errors import Unavailable
+
+    engine = Engine.load(
+        EngineConfig(
+            base_model=family.base_dir,
+            adapter_dir=family.adapter_dir,
+            preload_adapters=(),
+            max_waiting_requests=2,
+            queue_timeout_ms=300,
+        )
+    )
+    engine.start_loop()
+    gate = threading.Event()
+    real_load = engine.adapters.store.load
+
+    def gated_load(adapter_id):
+        gate.wait(30)
+        return real_load(adapter_id)
+
+    monkeypatch.setattr(engine.adapters.store, "load", gated_load)
+    finished: list[Exception | None] = []
+    done = threading.Condition()
+
+    class Listener:
+        def on_tokens(self, seq, tokens):
+            pass
+
+        def on_finish(self, seq, error):
+            with done:
+                finished.append(error)
+                done.notify_all()
+
+    request = GenerationRequest(PROMPTS[0], family.lora_ids[0], max_tokens=2)
+    try:
+        for _ in range(3):
+            engine.submit(request, lambda entry: Listener())
+        assert len(finished) == 1 and isinstance(finished[0], Unavailable)  # the third, at once
+        assert "wait for adapters to load" in str(finished[0])
+        threading.Event().wait(0.6)  # longer than queue_timeout_ms
+        gate.set()
+        with done:
+            assert done.wait_for(lambda: len(finished) == 3, timeout=30)
+        assert all(isinstance(e, Unavailable) and "waited" in str(e) for e in finished[1:]), finished
+        (answer,) = engine.generate([request])  # the adapter is resident now: served at once
+        assert isinstance(answer, GenerationResult) and answer.adapter_id == family.lora_ids[0]
+    finally:
+        gate.set()
+        engine.stop_loop()

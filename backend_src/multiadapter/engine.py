@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -154,6 +155,8 @@ class Engine:
         self.tenants = TenantPolicyFile(config.tenant_policy) if config.tenant_policy is not None else None
         self._seeds = np.random.default_rng()
         self._lock = threading.Lock()  # the model's one user at a time: a loop step, or a direct forward
+        self._loading = 0  # sequences waiting for their adapter to load (see `enqueue`)
+        self._loading_lock = threading.Lock()
         self.scheduler = Scheduler(
             model,
             self.bank.routing,
@@ -366,14 +369,30 @@ class Engine:
         listener = _Releasing(self.adapters, item, listener)
         if item.entry is not None:
             self._join(item, listener)
-        else:
-            self.adapters.acquire_later(
-                item.adapter_id, lambda entry, error: self._adapter_ready(item, listener, entry, error)
+            return
+        # Waiting for a load counts against the loop's bounds: at most max_waiting_requests such sequences,
+        # and queue_timeout_ms from now (the loop keeps this enqueue time).
+        with self._loading_lock:
+            full = self._loading >= self.config.max_waiting_requests
+            if not full:
+                self._loading += 1
+        if full:
+            error = Unavailable(
+                f"{self.config.max_waiting_requests} requests already wait for adapters to load; retry later"
             )
+            item.seq.error, item.seq.finish_reason = error, LOOP_ERROR
+            listener.on_finish(item.seq, error)
+            return
+        item.seq.enqueued_at = time.monotonic()
+        self.adapters.acquire_later(
+            item.adapter_id, lambda entry, error: self._adapter_ready(item, listener, entry, error)
+        )
 
     def _adapter_ready(
         self, item: Submitted, listener: SequenceListener, entry: BankEntry | None, error: Exception | None
     ) -> None:
+        with self._loading_lock:
+            self._loading -= 1
         if error is not None:
             item.seq.error, item.seq.finish_reason = error, LOOP_ERROR
             listener.on_finish(item.seq, error)

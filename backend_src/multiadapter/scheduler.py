@@ -209,7 +209,10 @@ class Scheduler:
         return len(row.input_ids) + row.max_new_tokens <= self.limits.max_kv_tokens
 
     def add(self, seq: Sequence) -> None:
-        seq.enqueued_at = time.monotonic()
+        """Queue `seq`. Its wait counts from `enqueued_at` when set earlier (a sequence that waited for its
+        adapter to load), so queue_timeout_s bounds the whole wait."""
+        if not seq.enqueued_at:
+            seq.enqueued_at = time.monotonic()
         self.waiting.append(seq)
 
     @property
