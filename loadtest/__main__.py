@@ -24,6 +24,7 @@ from loadtest.runner import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    PROTOCOL_TRANSPORTS,
     PROTOCOL_USERS,
     LoadResult,
     LoadSettings,
@@ -147,7 +148,7 @@ def _settings(args: argparse.Namespace) -> LoadSettings:
 def _not_ready(settings: LoadSettings) -> list[str]:
     urls = {"http": settings.http_url, "grpc": settings.grpc_url}
     reasons = []
-    for protocol in ("http", "grpc") if settings.protocol == "both" else (settings.protocol,):
+    for protocol in PROTOCOL_TRANSPORTS[settings.protocol]:
         with AdapterClient(urls[protocol], protocol=protocol, timeout_s=5) as client:
             reason = client.not_ready_reason()
         if reason:
@@ -155,23 +156,30 @@ def _not_ready(settings: LoadSettings) -> list[str]:
     return reasons
 
 
-def _inference_count(http_url: str) -> int:
+def _counted_model(protocol: str) -> str:
+    """The model whose inference count covers every request of the run: `generate`, or with streaming users
+    `generate_stream` (which also executes each `generate` request, through BLS)."""
+    return "generate_stream" if protocol in ("stream", "all") else "generate"
+
+
+def _inference_count(http_url: str, model: str) -> int:
     with AdapterClient(http_url, timeout_s=10) as client:
-        return int(client.inference_statistics("generate")["inference_count"])
+        return int(client.inference_statistics(model)["inference_count"])
 
 
 def _load_own_server(settings: LoadSettings, server: LocalServer, report_dir: Path) -> LoadResult:
     """One load test against our own server. Its count of `generate` inferences must cover the ledger's
     requests; any surplus is the launcher's own canary requests."""
     settings = replace(settings, http_url=server.http_url, grpc_url=server.grpc_url)
-    before = _inference_count(server.http_url)
+    model = _counted_model(settings.protocol)
+    before = _inference_count(server.http_url, model)
     exit_code = run_locust(locust_command(settings, report_dir, report_dir.name))
-    counted = _inference_count(server.http_url) - before
+    counted = _inference_count(server.http_url, model) - before
     summary = read_summary(report_dir)
     if summary is None:
         return judge(report_dir, exit_code)
     sent = summary.ledger.sent
-    note = f"server: generate counted {counted} inferences during the run, the ledger sent {sent}"
+    note = f"server: {model} counted {counted} inferences during the run, the ledger sent {sent}"
     if counted > sent:
         note += f" (the other {counted - sent}: the launcher's canary requests)"
     reasons = [f"the server counted fewer inferences than the ledger sent: {counted} < {sent}"]

@@ -27,6 +27,8 @@ class Tally:
     outcomes: Mapping[str, int] = field(default_factory=dict)
     tokens: int = 0
     response_bytes: int = 0
+    # Time to first token of each streamed answer, in milliseconds (empty for requests answered once).
+    first_token_ms: tuple[float, ...] = ()
 
     @property
     def settled(self) -> int:
@@ -46,6 +48,7 @@ class Tally:
             dict(Counter(self.outcomes) + Counter(other.outcomes)),
             self.tokens + other.tokens,
             self.response_bytes + other.response_bytes,
+            self.first_token_ms + other.first_token_ms,
         )
 
 
@@ -100,6 +103,7 @@ class LedgerSnapshot:
                     "outcomes": dict(t.outcomes),
                     "tokens": t.tokens,
                     "response_bytes": t.response_bytes,
+                    "first_token_ms": list(t.first_token_ms),
                 }
                 for name, t in sorted(self.tallies.items())
             },
@@ -115,7 +119,13 @@ class LedgerSnapshot:
     def from_dict(cls, data: Mapping[str, Any]) -> LedgerSnapshot:
         return cls(
             tallies={
-                name: Tally(t["sent"], dict(t["outcomes"]), t["tokens"], t["response_bytes"])
+                name: Tally(
+                    t["sent"],
+                    dict(t["outcomes"]),
+                    t["tokens"],
+                    t["response_bytes"],
+                    tuple(t.get("first_token_ms", ())),
+                )
                 for name, t in data["tallies"].items()
             },
             anomalies={
@@ -162,6 +172,7 @@ class Ledger:
         self._outcomes: dict[str, Counter[str]] = {}
         self._tokens: Counter[str] = Counter()
         self._bytes: Counter[str] = Counter()
+        self._first_token_ms: dict[str, list[float]] = {}
         self._anomalies: dict[str, list[str]] = {kind: [] for kind in ANOMALIES if kind != "missing"}
         self._anomaly_counts: Counter[str] = Counter()
         self._first_sent: float | None = None
@@ -182,7 +193,14 @@ class Ledger:
         self._pending[request_id] = name
         self._sent[name] += 1
 
-    def settled(self, request_id: str, outcome: str, tokens: int = 0, response_bytes: int = 0) -> None:
+    def settled(
+        self,
+        request_id: str,
+        outcome: str,
+        tokens: int = 0,
+        response_bytes: int = 0,
+        first_token_ms: float | None = None,
+    ) -> None:
         name = self._pending.pop(request_id, None)
         if name is None:
             kind = "duplicate_outcomes" if request_id in self._settled else "unknown_outcomes"
@@ -192,6 +210,8 @@ class Ledger:
         self._outcomes.setdefault(name, Counter())[outcome] += 1
         self._tokens[name] += tokens
         self._bytes[name] += response_bytes
+        if first_token_ms is not None:
+            self._first_token_ms.setdefault(name, []).append(first_token_ms)
         self._last_settled = self._clock()
 
     @property
@@ -203,7 +223,11 @@ class Ledger:
         names = set(self._sent) | set(self._outcomes)
         tallies = {
             name: Tally(
-                self._sent[name], dict(self._outcomes.get(name, {})), self._tokens[name], self._bytes[name]
+                self._sent[name],
+                dict(self._outcomes.get(name, {})),
+                self._tokens[name],
+                self._bytes[name],
+                tuple(self._first_token_ms.get(name, ())),
             )
             for name in names
         }

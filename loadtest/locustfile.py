@@ -1,8 +1,9 @@
 """Locust users for the `generate` model over HTTP and gRPC; every answer is checked (loadtest.traffic).
 
 Thin glue: draw a request from the plan, send it with tritonclient, check the answer, record it in the
-ledger and fire one `events.request` (type "HTTP" / "gRPC", name `generate[<adapter>]`, latency, UTF-8 bytes
-of the answer, the failure as plain text). Run it through `python -m loadtest` (make loadtest), or directly:
+ledger and fire one `events.request` (type "HTTP" / "gRPC" / "gRPC-stream", name `generate[<adapter>]`,
+latency, UTF-8 bytes of the answer, the failure as plain text). Run it through `python -m loadtest` (make
+loadtest), or directly:
 
     locust -f loadtest/locustfile.py --triton-http 127.0.0.1:8000 --triton-grpc 127.0.0.1:8001 \
         --stop-timeout 70 HttpGenerateUser GrpcGenerateUser
@@ -43,6 +44,7 @@ from client.api import (
     output_text,
     request_failures,
 )
+from client.streaming import stream_generate
 from loadtest.ledger import Ledger, LedgerSnapshot, merge
 from loadtest.options import add_target_arguments, add_traffic_arguments, traffic_config
 from loadtest.report import (
@@ -293,6 +295,7 @@ class GenerateUser(User):
         process.ledger.sent(request_id, stat_key(self.request_type, planned.name))
         start = time.perf_counter()
         outcome, tokens, response_bytes, error = OK, 0, 0, None
+        self.first_token_ms: float | None = None  # set by streaming users
         try:
             answer = self._infer(planned, request_id)
         except RequestFailed as failure:
@@ -305,7 +308,7 @@ class GenerateUser(User):
             if not result.ok:
                 outcome, error = result.kind, f"{result.kind}: {result.detail}"
         elapsed_ms = (time.perf_counter() - start) * 1000
-        process.ledger.settled(request_id, outcome, tokens, response_bytes)
+        process.ledger.settled(request_id, outcome, tokens, response_bytes, self.first_token_ms)
         events.request.fire(
             request_type=self.request_type,
             name=planned.name,
@@ -341,3 +344,39 @@ class GrpcGenerateUser(GenerateUser):
 
     def infer_kwargs(self) -> dict[str, Any]:
         return {"client_timeout": self.timeout_s}
+
+
+class GrpcStreamUser(GenerateUser):
+    """`generate_stream` over gRPC streaming: the answer is the streamed deltas joined (checked like any
+    other), and the ledger keeps each answer's time to first token (the first response with text)."""
+
+    request_type = "gRPC-stream"
+    module = tritonclient.grpc
+    url_option = "triton_grpc"
+
+    def open_client(self) -> Any:
+        return None  # one stream (and channel) per request: client.streaming
+
+    def on_stop(self) -> None:
+        pass
+
+    def _infer(self, planned: PlannedRequest, request_id: str) -> Answer:
+        request = GenerateRequest(
+            planned.prompt,
+            planned.adapter_id,
+            max_tokens=planned.max_tokens,
+            temperature=planned.temperature,
+            top_p=planned.top_p,
+            top_k=planned.top_k,
+            seed=planned.seed,
+        )
+        parts: list[str] = []
+        last = None
+        for chunk in stream_generate(self.url, "grpc", request, timeout_s=self.timeout_s):
+            if chunk.text and self.first_token_ms is None:
+                self.first_token_ms = chunk.elapsed_s * 1000
+            parts.append(chunk.text)
+            last = chunk
+        if last is None:
+            raise RequestFailed("UNAVAILABLE", "the stream ended without a response")
+        return Answer("".join(parts), last.adapter_id, last.generated_tokens)

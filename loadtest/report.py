@@ -55,6 +55,9 @@ class Row:
     p99_ms: float
     rps: float
     tokens_per_s: float
+    # Time to first token of the streamed requests (None when none was streamed).
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,17 @@ def _row(label: str, latency: Latency, tally: Tally, duration_s: float) -> Row:
         latency.p99_ms,
         latency.requests * per_s,
         tally.tokens * per_s,
+        _percentile(tally.first_token_ms, 50),
+        _percentile(tally.first_token_ms, 95),
     )
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def build_summary(
@@ -166,8 +179,8 @@ def build_summary(
     )
 
 
-def _ms(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.0f}"
+def _ms(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.0f}"
 
 
 def _rate(value: float) -> str:
@@ -176,16 +189,21 @@ def _rate(value: float) -> str:
 
 def format_table(summary: Summary) -> str:
     """The per-adapter table (markdown), then one line per protocol and the total."""
+    rows = (*summary.rows, *summary.protocols, summary.total)
+    streamed = any(row.ttft_p50_ms is not None for row in rows)  # TTFT columns only when some streamed
     header = (
-        "| adapter | requests | failures | p50 ms | p95 ms | p99 ms | req/s | tokens/s |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| adapter | requests | failures | p50 ms | p95 ms | p99 ms | req/s | tokens/s |"
+        + (" TTFT p50 ms | TTFT p95 ms |" if streamed else "")
+        + "\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---:|---:|" if streamed else "")
     )
     lines = [header]
-    for index, row in enumerate((*summary.rows, *summary.protocols, summary.total)):
+    for index, row in enumerate(rows):
         label = f"`{row.label}`" if index < len(summary.rows) else f"**{row.label}**"
         lines.append(
             f"| {label} | {row.requests} | {row.failures} | {_ms(row.p50_ms)} | {_ms(row.p95_ms)} | "
             f"{_ms(row.p99_ms)} | {_rate(row.rps)} | {_rate(row.tokens_per_s)} |"
+            + (f" {_ms(row.ttft_p50_ms)} | {_ms(row.ttft_p95_ms)} |" if streamed else "")
         )
     return "\n".join(lines)
 

@@ -25,6 +25,17 @@ PROTOCOL_USERS = {
     "http": ("HttpGenerateUser",),
     "grpc": ("GrpcGenerateUser",),
     "both": ("HttpGenerateUser", "GrpcGenerateUser"),
+    # generate_stream over gRPC streaming: answers checked like the others, plus time to first token.
+    "stream": ("GrpcStreamUser",),
+    "all": ("HttpGenerateUser", "GrpcGenerateUser", "GrpcStreamUser"),
+}
+# The transports each protocol choice uses (what must be ready before a run).
+PROTOCOL_TRANSPORTS = {
+    "http": ("http",),
+    "grpc": ("grpc",),
+    "both": ("http", "grpc"),
+    "stream": ("grpc",),
+    "all": ("http", "grpc"),
 }
 # Past the request timeout every in-flight request has an outcome (an answer or DEADLINE_EXCEEDED), so Locust
 # never has to kill a user mid-request and the ledger stays exact.

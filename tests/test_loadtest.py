@@ -75,3 +75,32 @@ def test_a_wrong_answer_fails_the_run_and_names_its_adapter(demo_server, tmp_pat
     summary = json.loads((report / "summary.json").read_text())
     assert [(row["label"], row["failures"] > 0) for row in summary["rows"]] == [("generate[upper]", True)]
     assert "WRONG_ANSWER" in (report / "summary.md").read_text()
+
+
+def test_a_streaming_load_checks_every_streamed_answer_and_reports_time_to_first_token(
+    demo_server, tmp_path
+) -> None:
+    """Users on `generate_stream` over gRPC streaming: the deltas joined are checked like any answer, and
+    every answer's time to first token is in the ledger and the report."""
+    with AdapterClient(demo_server.http_url) as client:
+        before = client.inference_statistics("generate_stream")["inference_count"]
+        result, report = run_loadtest(
+            demo_server,
+            tmp_path,
+            *("--users", "8", "--spawn-rate", "8", "--duration", "8s", "--protocol", "stream"),
+        )
+        after = client.inference_statistics("generate_stream")["inference_count"]
+
+    assert result.returncode == 0, output(result)
+    snapshot = LedgerSnapshot.from_dict(json.loads((report / "ledger.json").read_text()))
+    ledger = reconcile(snapshot)
+    assert ledger.clean and ledger.failed == 0 and ledger.sent > 0, ledger.line()
+    assert after - before == ledger.sent  # every request reached the streaming model once
+    for name, tally in snapshot.tallies.items():
+        assert name.startswith("gRPC-stream ")
+        assert len(tally.first_token_ms) == tally.ok  # one time to first token per answer
+    summary = json.loads((report / "summary.json").read_text())
+    (protocol,) = summary["protocols"]
+    assert protocol["label"] == "gRPC-stream"
+    assert 0 < protocol["ttft_p50_ms"] <= protocol["p50_ms"]  # the first token comes before the answer ends
+    assert "TTFT p50 ms" in (report / "summary.md").read_text()

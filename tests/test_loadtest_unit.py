@@ -429,6 +429,22 @@ def test_snapshots_round_trip_through_json_and_merge() -> None:
     assert not merge([]).final
 
 
+def test_times_to_first_token_travel_with_the_ledger_and_make_the_reports_columns() -> None:
+    one = run_ledger([("sent", "1", A), ("settled", "1", OK, 3, 3, 40.0)])
+    two = run_ledger(
+        [("sent", "1", A), ("sent", "2", A), ("settled", "1", OK, 3, 3, 90.0), ("settled", "2", OK)]
+    )
+    assert LedgerSnapshot.from_dict(json.loads(json.dumps(one.to_dict()))) == one
+    merged = merge([one, two])
+    assert sorted(merged.tallies[A].first_token_ms) == [40.0, 90.0]  # the request without a stream has none
+    latency = Latency(3, 0, 100.0, 200.0, 300.0)
+    summary = build_summary({A: latency}, {"generate[upper]": latency}, {"HTTP": latency}, latency, merged)
+    assert (summary.rows[0].ttft_p50_ms, summary.rows[0].ttft_p95_ms) == (40.0, 90.0)
+    table = format_table(summary)
+    assert "| TTFT p50 ms | TTFT p95 ms |" in table.splitlines()[0]
+    assert table.splitlines()[2].endswith("| 40 | 90 |")
+
+
 # --- summary and verdict -------------------------------------------------------------------------------
 
 
