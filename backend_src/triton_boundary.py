@@ -70,6 +70,21 @@ def untagged_error(message: str, code: int, callee: str) -> pb_utils.TritonError
     return pb_utils.TritonError(message, code)
 
 
+# Request parameters between `generate` (the front) and `generate_stream` (the engine's host):
+CANCEL_KEY = "multiadapter_cancel_key"  # a secret the caller may cancel this request by
+CANCEL = "multiadapter_cancel"  # a control request: cancel the request with this key
+LISTING = "multiadapter_adapters"  # a control request: the adapter cache's listing (JSON in text_output)
+
+
+def request_parameters(request) -> dict[str, object]:
+    """The request's parameters (from the client or a BLS caller) as a dict; {} when there are none."""
+    try:
+        parsed = json.loads(request.parameters() or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
 def model_parameters(args: Mapping[str, str]) -> dict[str, str]:
     """The string parameters of the model's config.pbtxt."""
     config = json.loads(args["model_config"])

@@ -22,32 +22,29 @@ CANCELLED error (tests/test_streaming.py checks it for a gRPC deadline).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from multiadapter.errors import InvalidRequest, RequestError, Unavailable
-from triton_boundary import error_response, model_parameters, route_logging_to_triton, untagged_error
+from triton_boundary import (
+    CANCEL,
+    CANCEL_KEY,
+    LISTING,
+    error_response,
+    model_parameters,
+    request_parameters,
+    route_logging_to_triton,
+    untagged_error,
+)
 
 log = logging.getLogger("triton_front")
 
-CANCEL_KEY = "multiadapter_cancel_key"  # the engine model's parameters (backend_src/triton_generate.py)
-CANCEL = "multiadapter_cancel"
-LISTING = "multiadapter_adapters"
 # Each is_cancelled() is a round trip to the Triton process: asked every CANCEL_POLL_S per request in flight.
 CANCEL_POLL_S = 0.5
 INPUTS = ("text_input", "adapter_id", "max_tokens", "temperature", "top_p", "top_k", "seed", "tenant_id")
 OUTPUTS = ("text_output", "served_adapter_id", "adapter_version", "generated_tokens")
-
-
-def _parameters(request) -> dict[str, object]:
-    try:
-        parsed = json.loads(request.parameters() or "{}")
-    except (TypeError, ValueError):
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
 
 
 def forwarded_inputs(request) -> list[pb_utils.Tensor]:
@@ -97,7 +94,7 @@ class TritonPythonModel:
     async def _generate(self, request, inputs) -> pb_utils.InferenceResponse:
         key = secrets.token_hex(16)
         parameters: dict[str, object] = {CANCEL_KEY: key}
-        if _parameters(request).get(LISTING):
+        if request_parameters(request).get(LISTING):
             parameters[LISTING] = True  # a listing request: the engine answers it at once
         child = pb_utils.InferenceRequest(
             model_name=self.engine_model,

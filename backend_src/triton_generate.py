@@ -38,6 +38,9 @@ from multiadapter.streaming import TextStream, cleans_up_spaces
 from multiadapter.tokenization import TextCodec
 from triton_answers import CancelWatch, Responder
 from triton_boundary import (
+    CANCEL,
+    CANCEL_KEY,
+    LISTING,
     ServingMetrics,
     bytes_tensor,
     count_tensor,
@@ -46,17 +49,13 @@ from triton_boundary import (
     model_parameters,
     optional_scalar,
     optional_text,
+    request_parameters,
     required_bytes,
     route_logging_to_triton,
 )
 
 log = logging.getLogger("triton_generate")
 
-CANCEL_KEY = "multiadapter_cancel_key"  # request parameter: a secret the caller may cancel this request by
-CANCEL = "multiadapter_cancel"  # request parameter of a control request: cancel the request with this key
-# Request parameter of a control request: answer with the adapter cache's listing (JSON in text_output),
-# filtered to the request's tenant under a tenant policy.
-LISTING = "multiadapter_adapters"
 EARLY_CANCELS_KEPT = 1024
 
 
@@ -64,15 +63,6 @@ EARLY_CANCELS_KEPT = 1024
 class TextRequest:
     generation: GenerationRequest
     stream: bool
-
-
-def request_parameters(request) -> dict[str, object]:
-    """The request's parameters (from the client or a BLS caller) as a dict; {} when there are none."""
-    try:
-        parsed = json.loads(request.parameters() or "{}")
-    except (TypeError, ValueError):
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
 
 
 def parse_text_request(request, codec: TextCodec) -> TextRequest:

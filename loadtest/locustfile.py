@@ -234,6 +234,19 @@ def _write_reports(environment: Environment, snapshot: LedgerSnapshot, report_di
     (report_dir / SUMMARY_MD).write_text(format_report(summary, verdict(summary, 0)))
 
 
+def client_request(planned: PlannedRequest) -> GenerateRequest:
+    """The client's request for a planned one."""
+    return GenerateRequest(
+        planned.prompt,
+        planned.adapter_id,
+        max_tokens=planned.max_tokens,
+        temperature=planned.temperature,
+        top_p=planned.top_p,
+        top_k=planned.top_k,
+        seed=planned.seed,
+    )
+
+
 class GenerateUser(User):
     """One client sending back to back (or with --think-time); subclasses choose the protocol."""
 
@@ -266,15 +279,7 @@ class GenerateUser(User):
         return {}
 
     def _infer(self, planned: PlannedRequest, request_id: str) -> Answer:
-        request = GenerateRequest(
-            planned.prompt,
-            planned.adapter_id,
-            max_tokens=planned.max_tokens,
-            temperature=planned.temperature,
-            top_p=planned.top_p,
-            top_k=planned.top_k,
-            seed=planned.seed,
-        )
+        request = client_request(planned)
         inputs = build_inputs(request, self.module)
         outputs = [self.module.InferRequestedOutput(name) for name in OUTPUTS]
         with request_failures(self.url, self.request_type, self.timeout_s):
@@ -361,15 +366,7 @@ class GrpcStreamUser(GenerateUser):
         pass
 
     def _infer(self, planned: PlannedRequest, request_id: str) -> Answer:
-        request = GenerateRequest(
-            planned.prompt,
-            planned.adapter_id,
-            max_tokens=planned.max_tokens,
-            temperature=planned.temperature,
-            top_p=planned.top_p,
-            top_k=planned.top_k,
-            seed=planned.seed,
-        )
+        request = client_request(planned)
         parts: list[str] = []
         last = None
         for chunk in stream_generate(self.url, "grpc", request, timeout_s=self.timeout_s):
