@@ -12,7 +12,9 @@ off by the bench model's random weights).
   request once the adapter is resident, one after the other, alone; and the load's rate (adapter bytes over
   the extra time).
 - Scale: Zipf traffic (exponent ZIPF_S) over IN_USE adapters of the store, all resident, against the same
-  requests on one adapter; rounds alternate.
+  requests on one adapter; rounds alternate. Beside it, field.md's bandwidth bound for the expected number of
+  distinct adapters among CONCURRENCY rows (bench/bound.py): each distinct adapter adds its A and B bytes to
+  a decode step that otherwise reads the base's adapted weights once.
 - Working set larger than the device: the same Zipf traffic with a device budget of a third of the working
   set (host memory holds it all): hit rate, loads, and throughput against the all-resident run.
 """
@@ -35,6 +37,7 @@ import torch
 from multiadapter.config import EngineConfig
 from multiadapter.engine import Engine, GenerationRequest
 
+from bench.bound import LoraBound
 from bench.fixture import BENCH_SPEC, QUICK_SPEC, build_fixture
 from bench.machine import machine_info, usable_cores
 
@@ -63,6 +66,8 @@ class Measures:
     one_adapter_rps: list[float]
     many_adapters_rps: list[float]
     scale_ratio: float
+    distinct_per_step: float
+    scale_bound: float
     small_device_rps: list[float]
     small_device_ratio: float
     hit_rate: float
@@ -147,11 +152,21 @@ def traffic(engine: Engine, requests: list[tuple[list[int], str]]) -> float:
     return len(requests) / (time.perf_counter() - start)
 
 
+def zipf_weights(count: int) -> np.ndarray:
+    """P(rank k) for k = 1..count, proportional to 1 / k^ZIPF_S."""
+    weights = 1.0 / np.arange(1, count + 1) ** ZIPF_S
+    return weights / weights.sum()
+
+
+def expected_distinct(count: int, rows: int) -> float:
+    """Expected distinct adapters among `rows` independent Zipf draws over `count` adapters."""
+    return float(np.sum(1 - (1 - zipf_weights(count)) ** rows))
+
+
 def zipf_adapters(names: Sequence[str], count: int, seed: int) -> list[str]:
     """`count` draws over `names` with P(rank k) proportional to 1 / k^ZIPF_S."""
-    weights = 1.0 / np.arange(1, len(names) + 1) ** ZIPF_S
     rng = np.random.default_rng(seed)
-    return [names[i] for i in rng.choice(len(names), size=count, p=weights / weights.sum())]
+    return [names[i] for i in rng.choice(len(names), size=count, p=zipf_weights(len(names)))]
 
 
 def run(quick: bool, out: Path) -> Measures:
@@ -222,6 +237,8 @@ def run(quick: bool, out: Path) -> Measures:
         one_adapter_rps=one_rps,
         many_adapters_rps=many_rps,
         scale_ratio=statistics.median(m / o for m, o in zip(many_rps, one_rps, strict=True)),
+        distinct_per_step=expected_distinct(in_use, CONCURRENCY),
+        scale_bound=1 / LoraBound.for_spec(spec).mixed_over_single(expected_distinct(in_use, CONCURRENCY)),
         small_device_rps=small_rps,
         small_device_ratio=statistics.median(s / m for s, m in zip(small_rps, many_rps, strict=True)),
         hit_rate=1 - loads / total,
@@ -259,10 +276,14 @@ def report(m: Measures) -> str:
             f"({m.adapter_bytes / 1e6:.2f} MB each) | |",
             f"| {m.in_use} adapters in use of {m.store_size}, Zipf {ZIPF_S} / 1 adapter, throughput | "
             f"{m.scale_ratio:.3f} ({many} / {single} req/s) | >= {GOAL_SCALE}, "
-            f"{met[m.scale_ratio >= GOAL_SCALE]} |",
+            f"{met[m.scale_ratio >= GOAL_SCALE]}; bound {m.scale_bound:.2f} |",
             f"| working set 3x the device budget: throughput / all resident | {m.small_device_ratio:.3f} "
             f"(device hit rate {m.hit_rate:.1%}: {m.loads} copies in from host memory, {m.requests} "
             "requests) | |",
+            "",
+            f"Bound (field.md, bandwidth): {m.distinct_per_step:.1f} distinct adapters expected among "
+            f"{CONCURRENCY} rows, each adding its A and B bytes to a decode step: 1 adapter / "
+            f"{m.distinct_per_step:.1f} adapters <= {m.scale_bound:.2f}.",
         ]
     )
 

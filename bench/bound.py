@@ -41,7 +41,7 @@ class LoraBound:
     def fraction(self) -> float:
         return self.dw / self.w
 
-    def mixed_over_single(self, k: int) -> float:
+    def mixed_over_single(self, k: float) -> float:
         """T(B, k) / T(B, 1) in a bandwidth-bound decode step."""
         return 1 + (k - 1) * self.fraction
 

@@ -98,7 +98,7 @@ def run(engine: Engine, limits: SchedulerLimits, planned: list[Planned]) -> Seen
     """Drive a scheduler of its own on the engine's model: arrivals and cancellations at their steps."""
     scheduler = Scheduler(
         engine.model,
-        engine.bank.routing,
+        engine.bank,
         eos_ids=engine.eos_ids,
         pad_id=engine.pad_id,
         device=engine.device,
@@ -173,7 +173,7 @@ def test_the_schedules_joined_running_batches_and_prefilled_in_chunks():
 def test_the_kv_budget_and_row_limit_hold_and_the_oldest_goes_first(engine, family):
     scheduler = Scheduler(
         engine.model,
-        engine.bank.routing,
+        engine.bank,
         eos_ids=frozenset(),  # no early stop: every row holds its reservation to the end
         pad_id=engine.pad_id,
         device=engine.device,

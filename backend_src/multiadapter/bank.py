@@ -3,14 +3,14 @@
 Inside the math adapters are slots (internal integers); `BASE_SLOT` means the bare base. Which slot serves
 an adapter id is decided by the adapter manager (`adapter_manager.py`). The bank fills and frees slots while
 serving: `add` stores an adapter's weights in every layer it targets (LoRA) or every place it adapts
-(bottleneck), `remove` frees the slot for the next one. Both kinds share the slots. `routing(slots)`
-installs, for one batch, which rows use which adapter, so one forward pass serves the whole mixed batch:
-LoRA, bottleneck and base rows together.
+(bottleneck), `remove` frees the slot for the next one. Both kinds share the slots. A batch's rows and their
+slots are a `BatchAdapters` (`batch(slots)`, kept across steps by the engine loop: batch_adapters.py);
+`routing(batch)` installs, for the forwards run inside it, which rows use which adapter, so one forward pass
+serves the whole mixed batch: LoRA, bottleneck and base rows together.
 """
 
 from __future__ import annotations
 
-import collections
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +20,7 @@ from torch import nn
 
 from .adapter_ids import BASE_ADAPTER_ID
 from .base_model import banked_layer, bottleneck_site
+from .batch_adapters import BatchAdapters
 from .bottleneck import BankedBottleneck, BottleneckPlace
 from .bottleneck_loading import BottleneckAdapter
 from .errors import Unavailable
@@ -27,8 +28,6 @@ from .layers import BankedLinear
 from .lora_loading import LoraAdapter
 
 BASE_SLOT = -1
-# Batch compositions whose routes are kept (the loop's running rows, and the rows it is prefilling).
-ROUTES_KEPT = 2
 
 
 @dataclass(frozen=True)
@@ -63,9 +62,7 @@ class AdapterBank:
         self._layers: dict[str, BankedLinear] = {}
         self._sites: dict[BottleneckPlace, BankedBottleneck] = {}
         self._lock = threading.RLock()
-        # Routes of the last few batch compositions: the engine loop asks for the same slots step after step
-        # while no row joins or leaves, and a route's per-row weight gather is a large share of a step.
-        self._routes: collections.OrderedDict[tuple[int, ...], list[object]] = collections.OrderedDict()
+        self._epoch = 0  # bumped by every add and remove: routes made before are remade
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -99,7 +96,7 @@ class AdapterBank:
                 modules, places = tuple(adapter.modules), ()
             entry = BankEntry(adapter.adapter_id, adapter.version, free, modules, adapter.nbytes, places)
             self._entries[free] = entry
-            self._routes.clear()
+            self._epoch += 1
             return entry
 
     def remove(self, slot: int) -> None:
@@ -110,49 +107,67 @@ class AdapterBank:
                 self._layers[name].drop(entry.slot)
             for place in entry.places:
                 self._sites[place].drop(entry.slot)
-            self._routes.clear()
+            self._epoch += 1
+
+    def batch(self, slots: Sequence[int]) -> BatchAdapters:
+        """A batch whose row i uses bank slot slots[i]; keep it while the batch runs (`select`, `extend`)."""
+        return BatchAdapters(slots)
+
+    def select(self, batch: BatchAdapters, order: Sequence[int]) -> None:
+        """Keep `batch`'s rows `order` (new row i is old row order[i]), as the caller did with its rows."""
+        with self._lock:
+            batch.select(order)
+
+    def extend(self, batch: BatchAdapters, other: BatchAdapters) -> None:
+        """Append `other`'s rows to `batch`'s."""
+        with self._lock:
+            batch.extend(other)
 
     @contextmanager
-    def routing(self, slots: Sequence[int]) -> Iterator[BatchRouting]:
-        """Route batch row i to bank slot slots[i] for the forwards run inside the block."""
+    def routing(self, rows: Sequence[int] | BatchAdapters) -> Iterator[BatchRouting]:
+        """Route each batch row to its slot (`rows`: the slots, or a kept `BatchAdapters`) for the forwards
+        run inside the block. The bank's lock is held throughout: no adapter comes or goes under a forward."""
+        batch = rows if isinstance(rows, BatchAdapters) else self.batch(rows)
         with self._lock:
-            routing = BatchRouting([*self._layers.values(), *self._sites.values()])
-            key = tuple(slots)
-            routes = self._routes.get(key)
-            if routes is None:
-                routing.set_slots(key)
-                self._routes[key] = routing.routes()
-                while len(self._routes) > ROUTES_KEPT:
-                    self._routes.popitem(last=False)
-            else:
-                self._routes.move_to_end(key)
-                routing.install(routes)
+            routing = BatchRouting(self, batch)
+            routing.install()
             try:
                 yield routing
             finally:
                 routing.clear()
 
+    def _install(self, batch: BatchAdapters) -> list[nn.Module]:
+        """Install `batch`'s routes in every banked layer and bottleneck site; the modules routed."""
+        modules: list[nn.Module] = [*self._layers.values(), *self._sites.values()]
+        routes = batch.routes(list(self._layers.values()), list(self._sites.values()), self._epoch)
+        for module, route in zip(modules, routes, strict=True):
+            module.route = route
+        return modules
+
 
 class BatchRouting:
-    """Per-batch routes installed in every banked layer and bottleneck place (anything with `route` and
-    `make_route(slots)`); `set_slots` again when rows change."""
+    """The routes of one batch, installed while `AdapterBank.routing` holds the bank's lock; `select` or
+    `set_slots` when the batch's rows change between forwards."""
 
-    def __init__(self, layers):
-        self._layers = list(layers)
+    def __init__(self, bank: AdapterBank, batch: BatchAdapters):
+        self._bank = bank
+        self.batch = batch
+        self._modules: list[nn.Module] = []
+
+    def install(self) -> None:
+        self._modules = self._bank._install(self.batch)
+
+    def select(self, order: Sequence[int]) -> None:
+        """Keep rows `order` (new row i is old row order[i]) and route the forwards that follow."""
+        self.batch.select(order)
+        self.install()
 
     def set_slots(self, slots: Sequence[int]) -> None:
-        slots = list(slots)
-        for layer in self._layers:
-            layer.route = layer.make_route(slots)
-
-    def routes(self) -> list[object]:
-        return [layer.route for layer in self._layers]
-
-    def install(self, routes: Sequence[object]) -> None:
-        """Install routes made earlier for the same slots (`routes()`), layer by layer."""
-        for layer, route in zip(self._layers, routes, strict=True):
-            layer.route = route
+        """Other rows altogether (nothing is remade when they are the batch's rows already)."""
+        if list(slots) != self.batch.slots:
+            self.batch.assign(slots)
+        self.install()
 
     def clear(self) -> None:
-        for layer in self._layers:
-            layer.route = None
+        for module in self._modules:
+            module.route = None

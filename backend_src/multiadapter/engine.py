@@ -159,7 +159,7 @@ class Engine:
         self._loading_lock = threading.Lock()
         self.scheduler = Scheduler(
             model,
-            self.bank.routing,
+            self.bank,
             eos_ids=eos_ids,
             pad_id=pad_id,
             device=device,

@@ -1,8 +1,8 @@
 """Batched generation over a mixed-adapter batch: left-padded prefill, then a decode step loop.
 
 One forward pass per step serves every row; the bank's routing adds each row's adapter delta. Rows
-that finish leave the batch (their KV cache rows are dropped and the routing is rebuilt), which keeps
-the step loop ready to admit new rows between steps later.
+that finish leave the batch: their KV cache rows are dropped, and rows from the tail fill the holes so the
+routing's per-row adapter weights move as little as possible (batch_adapters.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .bank import BatchRouting
+from .batch_adapters import compact_order
 from .kv_cache import growing_cache
 from .sampling import SamplingParams, make_generator, select_tokens
 
@@ -103,24 +104,24 @@ def generate_rows(
     logits = out.logits[:, -1, :]
     while True:
         tokens = select_tokens(logits, [rows[i].params for i in active], [generators[i] for i in active])
-        keep = []
-        for j, (i, token) in enumerate(zip(active, tokens, strict=True)):
+        alive = []
+        for i, token in zip(active, tokens, strict=True):
             outputs[i].token_ids.append(token)
             if token in eos_ids:
                 outputs[i].finish_reason = "stop"
             elif len(outputs[i].token_ids) >= rows[i].max_new_tokens:
                 outputs[i].finish_reason = "length"
-            else:
-                keep.append(j)
-        if not keep:
+            alive.append(not outputs[i].finish_reason)
+        if not any(alive):
             return outputs
         step_tokens = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-        if len(keep) < len(active):
+        if not all(alive):
+            keep = compact_order(alive)
             index = torch.tensor(keep, dtype=torch.long, device=device)
             cache.batch_select_indices(index)
             mask, next_pos, step_tokens = mask[index], next_pos[index], step_tokens[index]
             active = [active[j] for j in keep]
-            routing.set_slots([rows[i].slot for i in active])
+            routing.select(keep)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         out = model(
             input_ids=step_tokens,

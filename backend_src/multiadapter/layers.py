@@ -63,6 +63,7 @@ class BankedLinear(nn.Module):
         self.register_buffer("b_t", weight.new_zeros(0, 0, self.out_features), persistent=False)
         self.local_of_slot: dict[int, int] = {}
         self.route: Route | None = None
+        self.layout = 0  # bumped when the storage's rank grows (per-row weights made before no longer fit)
 
     @property
     def max_rank(self) -> int:
@@ -77,6 +78,7 @@ class BankedLinear(nn.Module):
             pad = rank - self.max_rank
             self.a_t = nn.functional.pad(self.a_t, (0, pad))
             self.b_t = nn.functional.pad(self.b_t, (0, 0, 0, pad))
+            self.layout += 1
         local = self.local_of_slot.get(slot)
         if local is None:
             used = set(self.local_of_slot.values())
@@ -99,6 +101,21 @@ class BankedLinear(nn.Module):
         if local is not None:
             self.a_t[local].zero_()
             self.b_t[local].zero_()
+
+    def row_weights(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row weights for a batch whose row i uses bank slot slots[i]: a [n, in, r_max],
+        b [n, r_max, out]; zero for rows whose slot this layer does not adapt."""
+        n = len(slots)
+        a = self.a_t.new_zeros(n, *self.a_t.shape[1:])
+        b = self.b_t.new_zeros(n, *self.b_t.shape[1:])
+        rows = [i for i, slot in enumerate(slots) if slot in self.local_of_slot]
+        if rows:
+            device = self.a_t.device
+            index = torch.tensor(rows, device=device)
+            local = torch.tensor([self.local_of_slot[slots[i]] for i in rows], device=device)
+            a.index_copy_(0, index, self.a_t.index_select(0, local))
+            b.index_copy_(0, index, self.b_t.index_select(0, local))
+        return a, b
 
     def make_route(self, slots: list[int]) -> Route | None:
         """Route for a batch whose row i uses bank slot slots[i] (the base sentinel maps to nothing)."""

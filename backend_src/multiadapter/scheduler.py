@@ -12,7 +12,9 @@ A `Scheduler` owns the model's time (it is driven by one thread, see `loop.py`).
    samples its first token and the group joins the running batch: both caches are left-padded to the longer
    length and concatenated by row. Running rows are copied, never recomputed;
 4. runs one decode forward for every running row (the row's last token), samples each row's next token with
-   its own parameters and generator, and retires the rows that stopped;
+   its own parameters and generator, and retires the rows that stopped (the survivors stay in place and rows
+   from the tail fill the holes, so the batch's per-row adapter weights move as little as possible:
+   batch_adapters.py);
 5. drops the cache columns that only padding uses once the longest row has left.
 
 The KV cache is the model's own `DynamicCache` (with `kv_cache.GrowingLayer`s, which append in place),
@@ -31,7 +33,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from .bank import BatchRouting
+from .bank import AdapterBank
+from .batch_adapters import BatchAdapters, compact_order
 from .errors import Unavailable
 from .generation import RowRequest, left_pad
 from .kv_cache import growing_cache, growing_from
@@ -93,6 +96,7 @@ class _Rows:
 
     seqs: B sequences. cache: per layer keys / values [B, H, T, D]. mask: [B, T] (1 = real token).
     next_pos: [B, 1] position id of each row's next token. last: [B, 1] each row's token not yet fed.
+    adapters: each row's bank slot and kept adapter weights (changed through the bank, beside the rows).
     """
 
     seqs: list[Sequence]
@@ -100,6 +104,7 @@ class _Rows:
     mask: torch.Tensor
     next_pos: torch.Tensor
     last: torch.Tensor
+    adapters: BatchAdapters
 
     def select(self, keep: abc.Sequence[int]) -> None:
         """Keep rows `keep` (indices, in order) and drop the columns only padding now uses."""
@@ -127,6 +132,7 @@ class _PrefillGroup:
     ids: torch.Tensor
     mask: torch.Tensor
     positions: torch.Tensor
+    adapters: BatchAdapters
     done: int = 0
     cache: DynamicCache | None = None
 
@@ -145,7 +151,8 @@ class StepResult:
 
 def merge_rows(a: _Rows, b: _Rows) -> _Rows:
     """`a` then `b` as one batch, the shorter cache left-padded with masked zeros. a: [B1, .., T1, ..],
-    b: [B2, .., T2, ..] -> [B1 + B2, .., max(T1, T2), ..]."""
+    b: [B2, .., T2, ..] -> [B1 + B2, .., max(T1, T2), ..]. The result keeps `a.adapters`, which the caller
+    extends with `b.adapters` through the bank."""
     length = max(a.mask.shape[1], b.mask.shape[1])
 
     def pad(tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -169,6 +176,7 @@ def merge_rows(a: _Rows, b: _Rows) -> _Rows:
         mask=torch.cat([pad(a.mask, 1), pad(b.mask, 1)]),
         next_pos=torch.cat([a.next_pos, b.next_pos]),
         last=torch.cat([a.last, b.last]),
+        adapters=a.adapters,
     )
 
 
@@ -179,7 +187,7 @@ class Scheduler:
     def __init__(
         self,
         model: nn.Module,
-        routing: abc.Callable[[abc.Sequence[int]], BatchRouting],
+        bank: AdapterBank,
         *,
         eos_ids: frozenset[int],
         pad_id: int,
@@ -187,7 +195,7 @@ class Scheduler:
         limits: SchedulerLimits | None = None,
     ) -> None:
         self.model = model
-        self._routing = routing
+        self._bank = bank
         self.eos_ids = eos_ids
         self.pad_id = pad_id
         self.device = device
@@ -270,11 +278,15 @@ class Scheduler:
                 group.positions = group.positions[index]
                 if group.cache is not None:
                     group.cache.batch_select_indices(index)
-        if self.running is not None and any(s.cancelled for s in self.running.seqs):
-            for seq in self.running.seqs:
+                self._bank.select(group.adapters, keep)
+        rows = self.running
+        if rows is not None and any(s.cancelled for s in rows.seqs):
+            for seq in rows.seqs:
                 if seq.cancelled:
                     self._finish(seq, CANCELLED, result)
-            self._keep_running()
+            self._retire(rows)
+            if not rows.seqs:
+                self.running = None
 
     def _expire_waiting(self, result: StepResult) -> None:
         timeout = self.limits.queue_timeout_s
@@ -301,14 +313,17 @@ class Scheduler:
             reserved += head.reserved_tokens
         if group:
             batch = left_pad([s.row.input_ids for s in group], self.pad_id, self.device)
-            self.prefilling = _PrefillGroup(group, batch.input_ids, batch.attention_mask, batch.position_ids)
+            adapters = self._bank.batch([s.row.slot for s in group])
+            self.prefilling = _PrefillGroup(
+                group, batch.input_ids, batch.attention_mask, batch.position_ids, adapters
+            )
 
     def _prefill_chunk(self, result: StepResult) -> None:
         group = self.prefilling
         assert group is not None
         start, length = group.done, group.ids.shape[1]
         end = min(length, start + self.limits.prefill_chunk)
-        with self._routing([s.row.slot for s in group.seqs]):
+        with self._bank.routing(group.adapters):
             out = self.model(
                 input_ids=group.ids[:, start:end],
                 attention_mask=group.mask[:, :end],
@@ -329,23 +344,25 @@ class Scheduler:
             mask=group.mask,
             next_pos=group.positions[:, -1:] + 1,
             last=torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None],
+            adapters=group.adapters,
         )
-        keep = self._emit(joined.seqs, tokens, result)
-        joined.select(keep)
+        self._emit(joined.seqs, tokens, result)
+        self._retire(joined)
         if not joined.seqs:
             return
         if self.running is None:
             self.running = joined
         else:
             result.joined = len(joined.seqs)
+            self._bank.extend(self.running.adapters, joined.adapters)
             self.running = merge_rows(self.running, joined)
 
     def _decode(self, result: StepResult) -> None:
         rows = self.running
         assert rows is not None
-        slots = [s.row.slot for s in rows.seqs]
+        slots = rows.adapters.slots
         mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.seqs), 1)], dim=1)
-        with self._routing(slots):
+        with self._bank.routing(rows.adapters):
             out = self.model(
                 input_ids=rows.last,
                 attention_mask=mask,
@@ -358,35 +375,34 @@ class Scheduler:
         rows.last = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         result.rows, result.adapters = len(slots), len(set(slots))
         self._emit(rows.seqs, tokens, result)
-        self._keep_running()
+        self._retire(rows)
+        if not rows.seqs:
+            self.running = None
 
     # --- helpers ----------------------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, seqs: abc.Sequence[Sequence]) -> list[int]:
         return select_tokens(logits, [s.row.params for s in seqs], [s.generator for s in seqs])
 
-    def _emit(self, seqs: abc.Sequence[Sequence], tokens: abc.Sequence[int], result: StepResult) -> list[int]:
-        """Append each row's token, finish the rows that stopped; the indices of the rows that go on."""
-        keep = []
-        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+    def _emit(self, seqs: abc.Sequence[Sequence], tokens: abc.Sequence[int], result: StepResult) -> None:
+        """Append each row's token, finish the rows that stopped."""
+        for seq, token in zip(seqs, tokens, strict=True):
             seq.tokens.append(token)
             result.tokens.append((seq, token))
             if token in self.eos_ids:
                 self._finish(seq, STOP, result)
             elif len(seq.tokens) >= seq.row.max_new_tokens:
                 self._finish(seq, LENGTH, result)
-            else:
-                keep.append(i)
-        return keep
 
-    def _keep_running(self) -> None:
-        rows = self.running
-        assert rows is not None
-        keep = [i for i, s in enumerate(rows.seqs) if not s.finished]
-        if not keep:
-            self.running = None
+    def _retire(self, rows: _Rows) -> None:
+        """Drop `rows`' finished sequences (survivors in place, the tail's fill the holes)."""
+        alive = [not s.finished for s in rows.seqs]
+        if not any(alive):
+            rows.seqs = []
             return
-        rows.select(keep)
+        order = compact_order(alive)
+        rows.select(order)
+        self._bank.select(rows.adapters, order)
 
     @staticmethod
     def _finish(seq: Sequence, reason: str, result: StepResult) -> None:
