@@ -10,13 +10,16 @@ import json
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from multiadapter.adapter_metrics import OK, AdapterLabels, AdapterTally, RequestRecord
 from multiadapter.environment import ENV_BASE_MODEL
 from multiadapter.errors import ErrorKind, InvalidRequest, RequestError
 
@@ -272,6 +275,179 @@ class ServingMetrics:
             update(value)
         except Exception:  # noqa: BLE001
             logging.getLogger(__name__).exception("could not update a metric")
+
+
+def outcome_of(error: Exception | None) -> str:
+    """A request's outcome label: "ok", or its error code's name (INVALID_ARG, NOT_FOUND, ...)."""
+    if error is None:
+        return OK
+    return _CODES[error.kind if isinstance(error, RequestError) else ErrorKind.INTERNAL]
+
+
+# Histogram buckets, seconds: whole requests (up to long generations on a CPU), and first tokens.
+DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+FIRST_TOKEN_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# The adapter cache's state (AdapterManager.counters): gauges, and totals exported as counters.
+_CACHE_GAUGES = {
+    "device_adapters": ("multiadapter_cache_adapters", {"tier": "device"}),
+    "host_adapters": ("multiadapter_cache_adapters", {"tier": "host"}),
+    "device_bytes": ("multiadapter_cache_bytes", {"tier": "device", "kind": "used"}),
+    "device_budget": ("multiadapter_cache_bytes", {"tier": "device", "kind": "budget"}),
+    "host_bytes": ("multiadapter_cache_bytes", {"tier": "host", "kind": "used"}),
+    "host_budget": ("multiadapter_cache_bytes", {"tier": "host", "kind": "budget"}),
+}
+_CACHE_TOTALS = {
+    "store_reads": "multiadapter_cache_store_reads_total",
+    "store_read_seconds": "multiadapter_cache_store_read_seconds_total",
+    "device_loads": "multiadapter_cache_device_loads_total",
+    "evictions": "multiadapter_cache_evictions_total",
+}
+
+
+class AdapterMetrics:
+    """Per-adapter series, and the adapter cache's state, on Triton's /metrics (README: Metrics).
+
+    Requests are recorded from any thread (`record`, `refused`) and exported by a thread of this class's own
+    every EXPORT_INTERVAL_S (each update is a round trip to the Triton process), which also samples the
+    cache (`cache_state`, when the model has an adapter cache). Label values are bounded by `AdapterLabels`.
+    """
+
+    EXPORT_INTERVAL_S = 0.25
+
+    def __init__(
+        self,
+        model_name: str,
+        labels: AdapterLabels,
+        cache_state: Callable[[], Mapping[str, float]] | None = None,
+    ):
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        histogram = pb_utils.MetricFamily.HISTOGRAM
+        described = {
+            "multiadapter_adapter_requests_total": (counter, "Requests answered, by adapter and outcome"),
+            "multiadapter_adapter_prompt_tokens_total": (counter, "Prompt tokens of answered requests"),
+            "multiadapter_adapter_generated_tokens_total": (
+                counter,
+                "Tokens generated for answered requests",
+            ),
+            "multiadapter_adapter_request_duration_seconds": (
+                histogram,
+                "Time from a request's arrival at the engine's model to its final answer",
+            ),
+            "multiadapter_adapter_time_to_first_token_seconds": (
+                histogram,
+                "Time from a request's arrival at the engine's model to its first generated token",
+            ),
+            "multiadapter_cache_adapters": (gauge, "Adapters resident in a tier of the adapter cache"),
+            "multiadapter_cache_bytes": (gauge, "Bytes of adapter tensors in a tier, used and budget"),
+            "multiadapter_cache_store_reads_total": (counter, "Adapters read and validated from the store"),
+            "multiadapter_cache_store_read_seconds_total": (counter, "Seconds spent reading adapters"),
+            "multiadapter_cache_device_loads_total": (counter, "Adapters copied onto the device"),
+            "multiadapter_cache_evictions_total": (counter, "Adapters evicted from the device"),
+        }
+        # The families must outlive their metrics: Triton deletes a family's metrics with it.
+        self._families = {
+            name: pb_utils.MetricFamily(name=name, description=text, kind=kind)
+            for name, (kind, text) in described.items()
+        }
+        self._histograms = {name for name, (kind, _) in described.items() if kind == histogram}
+        self._model = model_name
+        self.labels = labels
+        self._cache_state = cache_state
+        self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+        self._cache_seen: dict[str, float] = {}
+        self._tally = AdapterTally()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="adapter-metrics", daemon=True)
+        self._thread.start()
+
+    def record(
+        self,
+        adapter_id: str,
+        error: Exception | None,
+        prompt_tokens: int,
+        generated_tokens: int,
+        started: float,
+        first_token_at: float | None,
+    ) -> None:
+        """A request that `adapter_id` served (or was about to serve when it failed); times are monotonic."""
+        now = time.monotonic()
+        self._tally.add(
+            RequestRecord(
+                adapter=self.labels.served(adapter_id),
+                outcome=outcome_of(error),
+                prompt_tokens=prompt_tokens,
+                generated_tokens=generated_tokens,
+                duration_s=now - started,
+                ttft_s=None if first_token_at is None else first_token_at - started,
+            )
+        )
+
+    def refused(self, adapter_id: str | None, error: Exception, started: float) -> None:
+        """A request refused before any adapter served it (`adapter_id`: what it asked for, if readable)."""
+        self._tally.add(
+            RequestRecord(
+                self.labels.refused(adapter_id), outcome_of(error), 0, 0, time.monotonic() - started, None
+            )
+        )
+
+    def stop(self) -> None:
+        """Stop the exporter after a last export."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.EXPORT_INTERVAL_S):
+            self.export()
+        self.export()
+
+    def export(self) -> None:
+        """Send what was recorded since the last export, and the cache's state. Never raises."""
+        try:
+            self._export_requests(self._tally.drain())
+            if self._cache_state is not None:
+                self._export_cache(self._cache_state())
+        except Exception:  # noqa: BLE001 - metrics never take the server down
+            logging.getLogger(__name__).exception("could not export adapter metrics")
+
+    def _export_requests(self, records: list[RequestRecord]) -> None:
+        counts: Counter[tuple[str, str]] = Counter()
+        for r in records:
+            counts["multiadapter_adapter_requests_total", r.adapter, r.outcome] += 1
+            counts["multiadapter_adapter_prompt_tokens_total", r.adapter, ""] += r.prompt_tokens
+            counts["multiadapter_adapter_generated_tokens_total", r.adapter, ""] += r.generated_tokens
+            self._metric("multiadapter_adapter_request_duration_seconds", r.adapter).observe(r.duration_s)
+            if r.ttft_s is not None:
+                self._metric("multiadapter_adapter_time_to_first_token_seconds", r.adapter).observe(r.ttft_s)
+        for (name, adapter, outcome), value in counts.items():
+            if value:
+                extra = {"outcome": outcome} if outcome else {}
+                self._metric(name, adapter, **extra).increment(value)
+
+    def _export_cache(self, state: Mapping[str, float]) -> None:
+        for key, (name, labels) in _CACHE_GAUGES.items():
+            if self._cache_seen.get(key) != state[key]:
+                self._cache_seen[key] = state[key]
+                self._metric(name, None, **labels).set(state[key])
+        for key, name in _CACHE_TOTALS.items():
+            delta = state[key] - self._cache_seen.get(key, 0)
+            if delta > 0:
+                self._cache_seen[key] = state[key]
+                self._metric(name, None).increment(delta)
+
+    def _metric(self, name: str, adapter: str | None, **labels: str):
+        """The metric of family `name` for these labels (made on first use)."""
+        full = {"model": self._model, **({} if adapter is None else {"adapter": adapter}), **labels}
+        key = (name, tuple(sorted(full.items())))
+        metric = self._metrics.get(key)
+        if metric is None:
+            family = self._families[name]
+            if name in self._histograms:
+                buckets = FIRST_TOKEN_BUCKETS_S if "first_token" in name else DURATION_BUCKETS_S
+                metric = family.Metric(labels=full, buckets=list(buckets))
+            else:
+                metric = family.Metric(labels=full)
+            self._metrics[key] = metric
+        return metric
 
 
 def text_codec(args: Mapping[str, str]) -> TextCodec:

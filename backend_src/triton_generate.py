@@ -25,10 +25,12 @@ import collections
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import triton_python_backend_utils as pb_utils
 from multiadapter.adapter_ids import decode_adapter_id
+from multiadapter.adapter_metrics import AdapterLabels
 from multiadapter.config import EngineConfig
 from multiadapter.engine import GenerationRequest, GenerationResult, Submitted, load_engine
 from multiadapter.errors import Cancelled, RequestError
@@ -41,6 +43,7 @@ from triton_boundary import (
     CANCEL,
     CANCEL_KEY,
     LISTING,
+    AdapterMetrics,
     ServingMetrics,
     bytes_tensor,
     count_tensor,
@@ -82,6 +85,14 @@ def parse_text_request(request, codec: TextCodec) -> TextRequest:
     )
 
 
+def requested_adapter(request) -> str | None:
+    """The adapter id a request names, or None when it names none readable."""
+    try:
+        return decode_adapter_id(required_bytes(request, "adapter_id"))
+    except RequestError:
+        return None
+
+
 def text_response(
     text: str, adapter_id: str, adapter_version: str, generated: int, finish_reason: str
 ) -> pb_utils.InferenceResponse:
@@ -100,10 +111,14 @@ class _Reply:
     """One request's answers. The loop thread calls `on_tokens` / `on_finish`; the work of answering runs
     on the responder thread, in order, and ends with exactly one final response."""
 
-    def __init__(self, model: TritonPythonModel, sender, item: Submitted, stream: bool) -> None:
+    def __init__(
+        self, model: TritonPythonModel, sender, item: Submitted, stream: bool, started: float | None
+    ) -> None:
         self._model = model
         self._sender = sender
         self.item = item
+        self._started = started  # time.monotonic() at arrival; None: not counted (the health canary)
+        self._first_token_at: float | None = None
         self._text = (
             TextStream(model.codec.decode, hold_spaces=cleans_up_spaces(model.codec.tokenizer))
             if stream
@@ -125,6 +140,8 @@ class _Reply:
     # --- the loop's thread ------------------------------------------------------------------------------
 
     def on_tokens(self, seq: Sequence, tokens: list[int]) -> None:
+        if self._first_token_at is None:
+            self._first_token_at = time.monotonic()
         if self._text is None:
             return
         with self._pending_lock:
@@ -157,6 +174,15 @@ class _Reply:
         seq, entry = self.item.seq, self.item.entry
         if error is None and seq.finish_reason == CANCELLED:
             error = Cancelled(f"the request was cancelled after {len(seq.tokens)} generated tokens")
+        if self._started is not None:
+            self._model.adapter_metrics.record(
+                entry.adapter_id,
+                error,
+                len(seq.row.input_ids),
+                len(seq.tokens),
+                self._started,
+                self._first_token_at,
+            )
         if error is not None:
             self._model.metrics.record_error(error)
             response = error_response(error, tag_code=True)
@@ -187,6 +213,9 @@ class TritonPythonModel:
         self.torch_thread = TorchThread("engine")
         self.engine = self.torch_thread.call(lambda: load_engine(config, instance_device(args)))
         self.metrics = ServingMetrics(args["model_name"])
+        self.adapter_metrics = AdapterMetrics(
+            args["model_name"], AdapterLabels(config.metrics_adapter_series), self.engine.adapters.counters
+        )
         self.responder = Responder()
         self.watch = CancelWatch()
         self._by_key: dict[str, _Reply] = {}
@@ -214,6 +243,7 @@ class TritonPythonModel:
             self._execute_to_the_end(requests)
             return None
         for request in requests:
+            started = time.monotonic()
             sender = request.get_response_sender()
             params = request_parameters(request)
             try:
@@ -228,11 +258,13 @@ class TritonPythonModel:
                 item = self.engine.sequence_for(parsed.generation)
             except RequestError as exc:
                 self.metrics.record_error(exc)
+                self.adapter_metrics.refused(requested_adapter(request), exc, started)
                 response = error_response(exc, tag_code=True)
                 sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             key = params.get(CANCEL_KEY)
-            reply = _Reply(self, sender, item, parsed.stream)
+            counted = not self.engine.is_canary(parsed.generation)  # probes stay out of the adapter series
+            reply = _Reply(self, sender, item, parsed.stream, started if counted else None)
             if key:
                 with self._lock:
                     self._by_key[str(key)] = reply
@@ -270,6 +302,7 @@ class TritonPythonModel:
         """Request-level batching (parameter batching=request): this batch generated to its end here, each
         request answered with one final response (no deltas)."""
         senders, parsed, positions = [], [], []
+        started = time.monotonic()
         for i, request in enumerate(requests):
             senders.append(request.get_response_sender())
             try:
@@ -286,6 +319,7 @@ class TritonPythonModel:
                 positions.append(i)
             except RequestError as exc:
                 self.metrics.record_error(exc)
+                self.adapter_metrics.refused(requested_adapter(request), exc, started)
                 response = error_response(exc, tag_code=True)
                 senders[i].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         self.metrics.record_batch(len(parsed), len({p.adapter_id for p in parsed}))
@@ -293,8 +327,18 @@ class TritonPythonModel:
             outcomes = self.torch_thread.call(lambda: self.engine.generate(parsed))
         except Exception as exc:  # a model-wide failure still answers every request once
             outcomes = [exc] * len(parsed)
-        for i, outcome in zip(positions, outcomes, strict=True):
+        for i, request, outcome in zip(positions, parsed, outcomes, strict=True):
+            counted = not self.engine.is_canary(request)
             if isinstance(outcome, GenerationResult):
+                if counted:
+                    self.adapter_metrics.record(
+                        outcome.adapter_id,
+                        None,
+                        len(request.input_ids),
+                        len(outcome.output_ids),
+                        started,
+                        None,
+                    )
                 response = text_response(
                     self.codec.decode(outcome.output_ids),
                     outcome.adapter_id,
@@ -304,6 +348,8 @@ class TritonPythonModel:
                 )
             else:
                 self.metrics.record_error(outcome)
+                if counted:
+                    self.adapter_metrics.refused(request.adapter_id, outcome, started)
                 response = error_response(outcome, tag_code=True)
             senders[i].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
@@ -313,5 +359,6 @@ class TritonPythonModel:
         self.watch.stop()
         self.engine.stop_loop()
         self.responder.stop()
+        self.adapter_metrics.stop()
         self.torch_thread.stop()
         self.engine = None

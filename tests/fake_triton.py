@@ -105,7 +105,7 @@ class InferenceResponse:
 
 
 class MetricFamily:
-    COUNTER, GAUGE = 0, 1
+    COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
     families: dict[str, MetricFamily] = {}
 
     def __init__(self, name: str, description: str, kind: int):
@@ -113,7 +113,11 @@ class MetricFamily:
         self.metrics: list[Metric] = []
         MetricFamily.families[name] = self
 
-    def Metric(self, labels: dict[str, str] | None = None) -> Metric:  # noqa: N802 (the real API's name)
+    def Metric(  # noqa: N802 (the real API's name)
+        self, labels: dict[str, str] | None = None, buckets: list[float] | None = None
+    ) -> Metric:
+        if (self.kind == MetricFamily.HISTOGRAM) != (buckets is not None):
+            raise ValueError("a histogram metric takes buckets, and only a histogram does")
         metric = Metric(labels or {})
         self.metrics.append(metric)
         return metric
@@ -122,6 +126,10 @@ class MetricFamily:
 class Metric:
     def __init__(self, labels: dict[str, str]):
         self.labels, self.value = labels, 0.0
+        self.observed: list[float] = []
+
+    def observe(self, value: float) -> None:
+        self.observed.append(value)
 
     def increment(self, value: float) -> None:
         self.value += value

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -87,6 +89,81 @@ def test_concurrent_mixed_burst_each_gets_its_adapters_answer_and_is_batched(
         f"{executions} executions for {inferences} inferences: nothing was batched"
     )
     assert mixed_after > mixed_before, "no batch mixed adapters"
+
+
+def _adapter_series(server, name: str, adapter: str, **labels: str) -> float:
+    return scrape(server, name, model="generate_stream", adapter=adapter, **labels)
+
+
+def test_per_adapter_metrics_count_exactly_what_was_sent(client, tiny_model, offline_engine, triton_server):
+    """Each adapter's series on /metrics (requests by outcome, tokens, latency and first-token histograms)
+    move by exactly what this burst sent; errors land under their code, unknown ids under "other"."""
+    _, codec = offline_engine
+    ids = ["", *tiny_model.adapter_ids]
+    requests = [
+        GenerateRequest(f"{WORDS[(i + k) % len(WORDS)]} metrics", adapter, max_tokens=3 + k)
+        for i, adapter in enumerate(ids)
+        for k in range(1 + i % 3)
+    ]
+    bad = [
+        (GenerateRequest("hello", ids[1], temperature=-0.5), ids[1], "INVALID_ARG"),
+        (GenerateRequest("hello", "", max_tokens=0), "", "INVALID_ARG"),
+        (GenerateRequest("hello", "never-served-adapter"), "other", "NOT_FOUND"),
+    ]
+    names = {
+        "ok": "multiadapter_adapter_requests_total",
+        "prompt": "multiadapter_adapter_prompt_tokens_total",
+        "generated": "multiadapter_adapter_generated_tokens_total",
+        "latency": "multiadapter_adapter_request_duration_seconds_count",
+        "ttft": "multiadapter_adapter_time_to_first_token_seconds_count",
+    }
+
+    def snapshot() -> dict[tuple[str, str], float]:
+        values = {}
+        for adapter in [*ids, "other"]:
+            for key, name in names.items():
+                labels = {"outcome": "ok"} if key == "ok" else {}
+                values[adapter, key] = _adapter_series(triton_server, name, adapter, **labels)
+            for code in ("INVALID_ARG", "NOT_FOUND"):
+                values[adapter, code] = _adapter_series(triton_server, names["ok"], adapter, outcome=code)
+        return values
+
+    before = snapshot()
+    outcomes = client.generate_many(requests, concurrency=8)
+    for request, _, code in bad:
+        with pytest.raises(RequestFailed) as info:
+            client.generate(request)
+        assert info.value.code == code
+    want = collections.Counter()
+    for request, outcome in zip(requests, outcomes, strict=True):
+        assert isinstance(outcome, GenerateResult), outcome
+        a = request.adapter_id
+        want[a, "ok"] += 1
+        want[a, "latency"] += 1
+        want[a, "ttft"] += 1
+        want[a, "prompt"] += len(codec.encode(request.text.encode()))
+        want[a, "generated"] += outcome.generated_tokens
+        assert outcome.generated_tokens > 0
+    for _, label, code in bad:
+        want[label, code] += 1
+        want[label, "latency"] += 1
+    assert len({a for a, _ in want}) == len(ids) + 1  # every adapter, the base and "other" have traffic
+
+    deadline = time.monotonic() + 15  # the exporter sends every 0.25 s
+    while True:
+        after = snapshot()
+        moved = {key: after[key] - before[key] for key in after}
+        if all(moved[key] == want.get(key, 0) for key in moved) or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert {k: v for k, v in moved.items() if v} == {k: v for k, v in want.items() if v}
+    # The adapter cache's state: every served adapter resident, within the device budget.
+    device = scrape(triton_server, "multiadapter_cache_adapters", model="generate_stream", tier="device")
+    used, budget = (
+        scrape(triton_server, "multiadapter_cache_bytes", model="generate_stream", tier="device", kind=kind)
+        for kind in ("used", "budget")
+    )
+    assert device >= len(tiny_model.adapter_ids) and 0 < used <= budget
 
 
 def test_one_bad_request_in_a_burst_fails_alone(client, tiny_model, offline_engine):

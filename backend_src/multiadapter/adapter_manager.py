@@ -130,6 +130,7 @@ class AdapterManager:
         self.loads = 0  # adapters read from the store (validated)
         self.device_loads = 0  # adapters copied onto the device (from the store or the host tier)
         self.evictions = 0
+        self.load_seconds = 0.0  # time spent reading and validating adapters from the store
 
     # --- requests -------------------------------------------------------------------------------------
 
@@ -272,6 +273,24 @@ class AdapterManager:
                 "slot_capacity": self.bank.capacity,
                 "host_bytes": sum(v.nbytes for v in versions if v.host is not None),
                 "host_budget": self.budgets.host_bytes,
+            }
+
+    def counters(self) -> dict[str, float]:
+        """The cache's state for a metrics endpoint: adapters and bytes per tier, budgets, and the totals of
+        store reads (and their seconds), copies onto the device, and evictions from the device."""
+        with self._lock:
+            versions = self._versions()
+            return {
+                "device_adapters": sum(1 for v in versions if v.entry is not None),
+                "host_adapters": sum(1 for v in versions if v.host is not None),
+                "device_bytes": sum(v.nbytes for v in versions if v.entry is not None),
+                "device_budget": self.budgets.device_bytes,
+                "host_bytes": sum(v.nbytes for v in versions if v.host is not None),
+                "host_budget": self.budgets.host_bytes,
+                "store_reads": self.loads,
+                "store_read_seconds": self.load_seconds,
+                "device_loads": self.device_loads,
+                "evictions": self.evictions,
             }
 
     def listing(self) -> list[AdapterListing]:
@@ -459,7 +478,9 @@ class AdapterManager:
                     self._refused[adapter_id] = (fingerprint, reason)
                     self._checked[adapter_id] = self._clock()
                 raise AdapterNotFound(adapter_id, refused_because=reason)
-            self.loads += 1
+            with self._lock:
+                self.loads += 1
+                self.load_seconds += self._clock() - started
             log.info(
                 "adapter %r %s read from the store in %.3f s (%d bytes)",
                 adapter_id,

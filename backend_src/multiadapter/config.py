@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .adapter_manager import CacheBudgets
+from .adapter_metrics import DEFAULT_MAX_SERIES
 from .environment import ENV_ADAPTER_DIR, ENV_BASE_MODEL, ENV_CANARY_TENANT, ENV_OVERRIDES, ENV_PREFIX
 from .errors import ConfigError
 from .lora_loading import DEFAULT_MAX_ADAPTER_BYTES
@@ -60,6 +61,8 @@ class EngineConfig:
     tenant_policy: Path | None = None
     # The health canary's tenant ($MULTIADAPTER_CANARY_TENANT): served the bare base under a policy.
     canary_tenant: str | None = None
+    # Adapters with metric series of their own (adapter_metrics.py); the rest are counted as "other".
+    metrics_adapter_series: int = DEFAULT_MAX_SERIES
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> EngineConfig:
@@ -67,7 +70,8 @@ class EngineConfig:
 
         Keys: base_model, adapter_dir, merged_model, dtype, max_adapters, default_max_tokens,
         max_tokens_cap, num_threads, max_adapter_bytes, batching, max_batch_rows, max_kv_tokens,
-        prefill_chunk, max_waiting_requests, queue_timeout_ms, adapter_device_bytes, adapter_host_bytes
+        prefill_chunk, max_waiting_requests, queue_timeout_ms, metrics_adapter_series, adapter_device_bytes,
+        adapter_host_bytes
         (sizes: 512MiB, 2GiB, or bytes), preload_adapters ("*", or ids separated by commas; "" for none),
         pinned_adapters (ids), tenant_policy (a JSON file, tenants.py); $MULTIADAPTER_<KEY> overrides these
         last five when set. `merged_model` (a
@@ -91,6 +95,7 @@ class EngineConfig:
             "prefill_chunk",
             "max_waiting_requests",
             "queue_timeout_ms",
+            "metrics_adapter_series",
             *ENV_OVERRIDES,
         }
         problems = [f"unknown parameter {k!r}" for k in params if k not in known]
@@ -190,6 +195,7 @@ class EngineConfig:
             pinned_adapters=ids("pinned_adapters", ()),
             tenant_policy=Path(params["tenant_policy"]) if params.get("tenant_policy") else None,
             canary_tenant=env.get(ENV_CANARY_TENANT) or None,
+            metrics_adapter_series=integer("metrics_adapter_series", DEFAULT_MAX_SERIES, 0),
         )
         if config.tenant_policy is not None:
             try:

@@ -252,6 +252,14 @@ class Engine:
         self.release(entry)
         return entry
 
+    def is_canary(self, request: GenerationRequest) -> bool:
+        """Whether `request` is the launcher's health canary (its tenant, on the bare base)."""
+        return (
+            bool(request.tenant_id)
+            and request.tenant_id == self.config.canary_tenant
+            and not request.adapter_id
+        )
+
     def route(self, request: GenerationRequest) -> str:
         """The adapter id that serves `request`: its own, or with a tenant policy its tenant's default when
         it names none. Raises RequestError (invalid id; no or unknown tenant; an adapter the tenant may not
@@ -259,7 +267,7 @@ class Engine:
         check_adapter_id(request.adapter_id)
         if self.tenants is None:
             return request.adapter_id
-        if request.tenant_id and request.tenant_id == self.config.canary_tenant and not request.adapter_id:
+        if self.is_canary(request):
             return request.adapter_id  # the launcher's health canary: the bare base, nothing else
         if self.merged is not None:  # '' here means the merged adapter, which the tenant must be allowed
             return self.tenants.route(request.tenant_id, request.adapter_id or self.merged.adapter_id)
