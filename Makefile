@@ -44,13 +44,13 @@ SERVE_DEPS :=
 endif
 
 .PHONY: venv tiny-model demo-models serve merged test lint bench clean \
-	loadtest loadtest-local loadtest-ui soak loadtest-bench
+	loadtest loadtest-local loadtest-ui soak loadtest-bench up down logs gpu-check
 
 venv: $(VENV_STAMP)
 
-$(VENV_STAMP): requirements.txt
+$(VENV_STAMP): requirements.txt requirements-dev.txt
 	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
-	$(VENV_PY) -m pip install -r requirements.txt
+	$(VENV_PY) -m pip install -r requirements.txt -r requirements-dev.txt
 	touch $@
 
 # Re-trains the committed demo model (base, 3 LoRA + 3 bottleneck adapters), seeded: ~27 min on 2 CPU cores;
@@ -120,3 +120,38 @@ loadtest-bench: $(VENV_STAMP)
 clean:
 	rm -rf build .pytest_cache .ruff_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+# Docker (docker/, README: Deploying it): the server on NGC's Triton image, Prometheus, Grafana and Locust.
+# DEVICE=cpu runs the same image without a GPU (fp32); ADAPTER_STORE=/path/to/adapters mounts your store.
+DEVICE ?= gpu
+DOCKER_COMPOSE ?= docker compose
+GRAFANA_PORT ?= 3000
+PROMETHEUS_PORT ?= 9090
+LOCUST_PORT ?= 8089
+COMPOSE = DEVICE=$(DEVICE) HTTP_PORT=$(HTTP_PORT) GRPC_PORT=$(GRPC_PORT) METRICS_PORT=$(METRICS_PORT) \
+	GRAFANA_PORT=$(GRAFANA_PORT) PROMETHEUS_PORT=$(PROMETHEUS_PORT) LOCUST_PORT=$(LOCUST_PORT) \
+	$(if $(strip $(ADAPTER_STORE)),ADAPTER_STORE=$(abspath $(ADAPTER_STORE))) \
+	$(DOCKER_COMPOSE) -f docker/docker-compose.yml $(if $(filter gpu,$(DEVICE)),-f docker/docker-compose.gpu.yml)
+
+# Builds the images, starts everything and waits for the server's health check (a real inference).
+up:
+	$(if $(filter gpu cpu,$(DEVICE)),,$(error DEVICE must be gpu or cpu))
+	$(COMPOSE) up --detach --build --wait --wait-timeout 1200
+	@echo "Triton      http://localhost:$(HTTP_PORT) (HTTP), localhost:$(GRPC_PORT) (gRPC)"
+	@echo "Metrics     http://localhost:$(METRICS_PORT)/metrics"
+	@echo "Grafana     http://localhost:$(GRAFANA_PORT) (dashboard: Multi-adapter server)"
+	@echo "Prometheus  http://localhost:$(PROMETHEUS_PORT)"
+	@echo "Locust      http://localhost:$(LOCUST_PORT)"
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs --follow --tail=200
+
+# On a machine with a CUDA GPU (and a CUDA build of torch): the GPU tests (bf16 against PEFT and float32,
+# mixed batches, merged parity; skipped elsewhere) must all run, then a short mixed-adapter bench.
+gpu-check: $(VENV_STAMP)
+	$(VENV_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA GPU')"
+	$(VENV_PY) -m pytest -q -rs -m gpu tests
+	$(VENV_PY) -m bench.gpu_check --device cuda

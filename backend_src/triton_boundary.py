@@ -429,10 +429,11 @@ class AdapterMetrics:
                 self._cache_seen[key] = state[key]
                 self._metric(name, None, **labels).set(state[key])
         for key, name in _CACHE_TOTALS.items():
+            metric = self._metric(name, None)  # made at the first export: a total of 0 is on /metrics too
             delta = state[key] - self._cache_seen.get(key, 0)
             if delta > 0:
                 self._cache_seen[key] = state[key]
-                self._metric(name, None).increment(delta)
+                metric.increment(delta)
 
     def _metric(self, name: str, adapter: str | None, **labels: str):
         """The metric of family `name` for these labels (made on first use)."""

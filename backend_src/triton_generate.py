@@ -171,34 +171,52 @@ class _Reply:
         self._model.forget(self)
         if self._answered:
             return
-        seq, entry = self.item.seq, self.item.entry
+        seq = self.item.seq
         if error is None and seq.finish_reason == CANCELLED:
             error = Cancelled(f"the request was cancelled after {len(seq.tokens)} generated tokens")
-        if self._started is not None:
-            self._model.adapter_metrics.record(
-                entry.adapter_id,
-                error,
-                len(seq.row.input_ids),
-                len(seq.tokens),
-                self._started,
-                self._first_token_at,
-            )
+        try:
+            response = self._final_response(error)
+        except Exception as exc:  # noqa: BLE001 - a bug here must still answer the request
+            error = exc
+            response = error_response(exc, tag_code=True)
         if error is not None:
             self._model.metrics.record_error(error)
-            response = error_response(error, tag_code=True)
-        else:
-            if self._text is not None:
-                with self._pending_lock:
-                    self._pending.clear()  # the final text covers every token
-                text = self._text.finish(seq.tokens[len(self._text.ids) :])
-            else:
-                text = self._model.codec.decode(seq.tokens)
-            response = text_response(
-                text, entry.adapter_id, entry.version, len(seq.tokens), seq.finish_reason
-            )
         with self._final_lock:
             self._answered = True
             self._sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if self._started is not None:
+            self._count(error)
+
+    def _final_response(self, error: Exception | None) -> pb_utils.InferenceResponse:
+        if error is not None:
+            return error_response(error, tag_code=True)
+        seq, entry = self.item.seq, self.item.entry
+        if self._text is not None:
+            with self._pending_lock:
+                self._pending.clear()  # the final text covers every token
+            text = self._text.finish(seq.tokens[len(self._text.ids) :])
+        else:
+            text = self._model.codec.decode(seq.tokens)
+        return text_response(text, entry.adapter_id, entry.version, len(seq.tokens), seq.finish_reason)
+
+    def _count(self, error: Exception | None) -> None:
+        """The answered request in the per-adapter metrics (after the answer: metrics never delay or fail
+        it). A request whose adapter never loaded counts as refused for the id it was routed to."""
+        seq, entry, metrics = self.item.seq, self.item.entry, self._model.adapter_metrics
+        try:
+            if entry is None:
+                metrics.refused(self.item.adapter_id, error or Cancelled("no adapter"), self._started)
+            else:
+                metrics.record(
+                    entry.adapter_id,
+                    error,
+                    len(seq.row.input_ids),
+                    len(seq.tokens),
+                    self._started,
+                    self._first_token_at,
+                )
+        except Exception:  # noqa: BLE001
+            log.exception("could not count a request in the adapter metrics")
 
     def _send(self, response, flags: int) -> None:
         self._sender.send(response, flags=flags)

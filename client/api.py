@@ -13,6 +13,7 @@ import json
 import queue
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any, cast
@@ -183,6 +184,22 @@ class GenerateResult:
 
 def _as_bytes(value: str | bytes) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
+
+
+# The header a load balancer hashes on to keep each adapter on few replicas (docker/k8s/base/ingress.yaml).
+ROUTING_HEADER = "x-adapter-id"
+
+
+def routing_headers(request: GenerateRequest) -> dict[str, str]:
+    """{ROUTING_HEADER: the request's adapter id, or "tenant:<id>" when it names none (its tenant's default
+    serves it)}, percent-encoded so that any id makes a valid HTTP header and gRPC metadata value."""
+    key = request.adapter_id
+    if not key and request.tenant_id:
+        tenant = request.tenant_id
+        key = "tenant:" + (tenant.decode("utf-8", "replace") if isinstance(tenant, bytes) else tenant)
+    if isinstance(key, bytes):
+        key = key.decode("utf-8", "replace")
+    return {ROUTING_HEADER: urllib.parse.quote(key, safe=":._-~")}
 
 
 def build_inputs(request: GenerateRequest, module: ModuleType) -> list[Any]:
@@ -396,7 +413,13 @@ class AdapterClient:
         outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
         start = time.perf_counter()
         with self._failures():
-            result = client.infer(model or self.model, inputs, outputs=outputs, **self._grpc_timeout())
+            result = client.infer(
+                model or self.model,
+                inputs,
+                outputs=outputs,
+                headers=routing_headers(request),
+                **self._grpc_timeout(),
+            )
         latency_s = time.perf_counter() - start
         return GenerateResult(
             text=output_text(result, "text_output"),

@@ -30,6 +30,7 @@ from client.api import (
     output_count,
     output_text,
     request_failures,
+    routing_headers,
 )
 
 STREAM_MODEL = "generate_stream"
@@ -79,6 +80,7 @@ def _grpc_stream(
         with request_failures(url, "grpc", timeout_s):
             client.start_stream(
                 callback=lambda result, error: answers.put((result, error)),
+                headers=routing_headers(request),
                 **({"stream_timeout": timeout_s} if timeout_s else {}),
             )
             outputs = [tritonclient.grpc.InferRequestedOutput(name) for name in STREAM_OUTPUTS]
@@ -128,7 +130,11 @@ def _sse_stream(
                 "POST",
                 f"/v2/models/{model}/generate_stream",
                 body=json.dumps(body).encode("utf-8"),
-                headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+                headers={
+                    "Content-Type": "application/json",
+                    "Accept": "text/event-stream",
+                    **routing_headers(request),
+                },
             )
             response = connection.getresponse()
         if response.status != 200:

@@ -43,6 +43,7 @@ from client.api import (
     output_count,
     output_text,
     request_failures,
+    routing_headers,
 )
 from client.streaming import stream_generate
 from loadtest.ledger import Ledger, LedgerSnapshot, merge
@@ -284,7 +285,12 @@ class GenerateUser(User):
         outputs = [self.module.InferRequestedOutput(name) for name in OUTPUTS]
         with request_failures(self.url, self.request_type, self.timeout_s):
             result = self.triton.infer(
-                MODEL, inputs, outputs=outputs, request_id=request_id, **self.infer_kwargs()
+                MODEL,
+                inputs,
+                outputs=outputs,
+                request_id=request_id,
+                headers=routing_headers(request),
+                **self.infer_kwargs(),
             )
         return Answer(
             output_text(result, "text_output"),

@@ -175,8 +175,12 @@ def tritonserver_command(install: TritonInstall, backends_dir: Path, config: Ser
     ]
 
 
+# APIs only the launcher (model control) or nobody may use: clients get "restricted" without the admin header.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+
+
 def _model_control_args(token: str) -> list[str]:
-    restricted = f"model-repository:{ADMIN_HEADER}={token}"
+    restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={token}"
     return [
         "--model-control-mode=explicit",
         "--load-model=*",
@@ -200,7 +204,8 @@ def tritonserver_env(
     env = dict(os.environ if base_env is None else base_env)
     bin_dir = python_bin_dir or Path(sys.executable).parent
     env["PATH"] = _prepend(str(bin_dir), env.get("PATH"))
-    env["LD_LIBRARY_PATH"] = _prepend(str(install.libs_dir), env.get("LD_LIBRARY_PATH"))
+    if install.libs_dir is not None:
+        env["LD_LIBRARY_PATH"] = _prepend(str(install.libs_dir), env.get("LD_LIBRARY_PATH"))
     for name, path in ((BASE_MODEL_ENV, config.base_model), (ADAPTER_DIR_ENV, config.adapter_dir)):
         if path is None:
             env.pop(name, None)

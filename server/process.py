@@ -170,7 +170,7 @@ def launch(
     """
     config = config.validated()
     ensure_ports_free(config.ports, config.address)
-    install = install or find_triton_install()
+    install = install or find_triton_install(base_env)
     backends_dir = prepare_backends(install, build_root)
     command = tritonserver_command(install, backends_dir, config)
     LOG.info("starting %s", shlex.join(command))

@@ -1,4 +1,5 @@
-"""The Triton Inference Server shipped inside the nvidia-pytriton wheel, and our private backends tree.
+"""The Triton Inference Server to run: the one shipped inside the nvidia-pytriton wheel (with our private
+backends tree), or a system install such as NGC's image's (``$MULTIADAPTER_TRITON_HOME``: /opt/tritonserver).
 
 The wheel holds ``pytriton/tritonserver/{bin/tritonserver, backends/python/, python_backend_stubs/X.Y/}``
 and the binaries' shared libraries in ``site-packages/nvidia_pytriton.libs``. Only these files are used,
@@ -14,20 +15,27 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.errors import LaunchError
 
 STUB_NAME = "triton_python_backend_stub"
+# A system install (bin/tritonserver, backends/python with its stub built for the system Python), used as is.
+TRITON_HOME_ENV = "MULTIADAPTER_TRITON_HOME"
 
 
 @dataclass(frozen=True)
 class TritonInstall:
-    """Paths into an installed nvidia-pytriton wheel."""
+    """Paths into an installed nvidia-pytriton wheel, or into a system install (`libs_dir` None)."""
 
-    root: Path  # site-packages/pytriton/tritonserver
-    libs_dir: Path  # site-packages/nvidia_pytriton.libs
+    root: Path  # site-packages/pytriton/tritonserver, or e.g. /opt/tritonserver
+    libs_dir: Path | None  # site-packages/nvidia_pytriton.libs; None for a system install
+
+    @property
+    def system(self) -> bool:
+        return self.libs_dir is None
 
     @property
     def binary(self) -> Path:
@@ -59,8 +67,17 @@ class TritonInstall:
         return path
 
 
-def find_triton_install() -> TritonInstall:
-    """Locate tritonserver inside the installed nvidia-pytriton wheel (without importing pytriton)."""
+def find_triton_install(env: Mapping[str, str] | None = None) -> TritonInstall:
+    """The system install at $MULTIADAPTER_TRITON_HOME when set, else tritonserver inside the installed
+    nvidia-pytriton wheel (found without importing pytriton)."""
+    home = (os.environ if env is None else env).get(TRITON_HOME_ENV)
+    if home:
+        install = TritonInstall(root=Path(home), libs_dir=None)
+        if not os.access(install.binary, os.X_OK):
+            raise LaunchError(f"${TRITON_HOME_ENV} is {home!r}, which has no executable bin/tritonserver")
+        if not (install.python_backend / STUB_NAME).is_file():
+            raise LaunchError(f"${TRITON_HOME_ENV} is {home!r}, which has no Python backend with its stub")
+        return install
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         raise LaunchError("nvidia-pytriton is not installed in this Python environment; run `make venv`")
@@ -87,6 +104,8 @@ def prepare_backends(
     only when missing or different in size or mtime, and each copy replaces its target atomically, so a
     server already running from the tree is not disturbed.
     """
+    if install.system:  # its stub is built for the system's Python: used in place
+        return install.root / "backends"
     version = python_version or (sys.version_info.major, sys.version_info.minor)
     backends_dir = build_root / "backends"
     python_dir = backends_dir / "python"

@@ -84,3 +84,28 @@ def test_quick_cache_bench_loads_adapters_on_demand_and_writes_its_report(tmp_pa
     assert 0 < data["loads"] < data["requests"] and 0 < data["hit_rate"] < 1  # misses, and hits
     assert data["scale_ratio"] > 0 and data["small_device_ratio"] > 0
     assert "| cold adapter: first request / warm request" in table
+
+
+def test_gpu_check_bench_runs_on_the_cpu_and_refuses_a_missing_gpu(tmp_path: Path):
+    """`python -m bench.gpu_check` (make gpu-check's bench) on the CPU: both rounds measured; asking for CUDA
+    where torch sees none fails with the reason instead of a traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "mixed / 1 adapter:" in proc.stdout and "8 adapters mixed" in proc.stdout
+    import torch
+
+    if not torch.cuda.is_available():
+        missing = subprocess.run(
+            [sys.executable, "-m", "bench.gpu_check", "--device", "cuda", "--quick", "--out", str(tmp_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert missing.returncode == 2 and "no CUDA GPU" in missing.stderr

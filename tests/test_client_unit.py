@@ -402,3 +402,71 @@ def test_the_listing_prints_one_line_per_adapter_then_the_budgets() -> None:
     assert lines[1].endswith("2.0 MiB  pinned 2 running")
     assert "refused: NaN" in lines[2]
     assert lines[3].startswith("device 2.0 MiB of 1.0 GiB (1 of 64 slots); host 2.0 MiB of 2.0 GiB")
+
+
+def _recording_http_server(seen: list[dict[str, str]]):
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the base class's name)
+            seen.append({k.lower(): v for k, v in self.headers.items()})
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b'{"error": "recorded"}'
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        (GenerateRequest("hi", "upper"), "upper"),
+        (GenerateRequest("hi", "", tenant_id="acme"), "tenant:acme"),
+        (GenerateRequest("hi", "été/x"), "%C3%A9t%C3%A9%2Fx"),
+        (GenerateRequest("hi", ""), ""),
+    ],
+)
+def test_every_request_carries_its_adapter_for_load_balancers_over_http_and_grpc(request_, expected):
+    """The x-adapter-id header (docker/k8s ingress hashing) reaches the wire: a real HTTP server and a real
+    gRPC server record what the client sends."""
+    from concurrent import futures
+
+    seen_http: list[dict[str, str]] = []
+    server = _recording_http_server(seen_http)
+    try:
+        url = f"127.0.0.1:{server.server_address[1]}"
+        with AdapterClient(url, protocol="http", timeout_s=10) as client, pytest.raises(RequestFailed):
+            client.generate(request_)
+    finally:
+        server.shutdown()
+    assert seen_http and seen_http[0]["x-adapter-id"] == expected
+
+    seen_grpc: list[dict[str, str]] = []
+
+    class Recorder(grpc.GenericRpcHandler):
+        def service(self, handler_call_details):
+            seen_grpc.append(dict(handler_call_details.invocation_metadata))
+            return None  # UNIMPLEMENTED
+
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[Recorder()])
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    try:
+        with (
+            AdapterClient(f"127.0.0.1:{port}", protocol="grpc", timeout_s=10) as client,
+            pytest.raises(RequestFailed),
+        ):
+            client.generate(request_)
+    finally:
+        grpc_server.stop(None)
+    assert seen_grpc and seen_grpc[0]["x-adapter-id"] == expected

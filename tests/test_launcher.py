@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,7 +36,14 @@ from server.launcher import (
 )
 from server.ports import ensure_ports_free, pick_free_ports, port_in_use
 from server.process import ServerProcess, http_ready, start_server
-from server.triton_install import STUB_NAME, TritonInstall, find_triton_install, prepare_backends, sync_file
+from server.triton_install import (
+    STUB_NAME,
+    TRITON_HOME_ENV,
+    TritonInstall,
+    find_triton_install,
+    prepare_backends,
+    sync_file,
+)
 
 RUNNING_PYTHON = (sys.version_info.major, sys.version_info.minor)
 
@@ -447,6 +455,51 @@ def test_stub_sees_venv_python_and_model_paths(probe: tuple[ServerProcess, Path,
     assert seen["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert seen[BASE_MODEL_ENV] == str(base.resolve())
     assert seen[ADAPTER_DIR_ENV] == str(server.config.adapter_dir)
+
+
+def test_a_system_triton_install_is_used_in_place(install: TritonInstall, tmp_path: Path) -> None:
+    """$MULTIADAPTER_TRITON_HOME (NGC's /opt/tritonserver in the image) is run as it is: its binary, its
+    backends tree, no library path of ours. Here the install is assembled from the wheel's files (the
+    binary behind a script that finds the wheel's libraries, as the image's loader config does)."""
+    home = tmp_path / "opt-tritonserver"
+    (home / "bin").mkdir(parents=True)
+    binary = home / "bin" / "tritonserver"
+    binary.write_text(
+        f'#!/bin/sh\necho ran > "{home}/ran"\n'
+        f'LD_LIBRARY_PATH="{install.libs_dir}:$LD_LIBRARY_PATH" exec "{install.binary}" "$@"\n'
+    )
+    binary.chmod(0o755)
+    shutil.copytree(
+        prepare_backends(install, tmp_path / "wheel-build") / "python", home / "backends" / "python"
+    )
+    env = {**os.environ, TRITON_HOME_ENV: str(home)}
+    system = find_triton_install(env)
+    assert system.system and system.binary == binary
+    assert prepare_backends(system, tmp_path / "unused") == home / "backends"
+    assert not (tmp_path / "unused").exists()
+    config = make_config(tmp_path)
+    assert tritonserver_command(system, home / "backends", config)[:1] == [str(binary)]
+    assert str(install.libs_dir) not in tritonserver_env(system, config, env).get("LD_LIBRARY_PATH", "")
+    root = tmp_path / "probe"
+    (root / "base").mkdir(parents=True)
+    (root / "base" / "config.json").write_text("{}")
+    repository = write_probe_repository(root / "repo", root / "seen.json")
+    with start_server(repository, root / "base", log_path=root / "triton.log", base_env=env) as server:
+        assert http_ready(server.http_url)
+        assert json.loads((root / "seen.json").read_text())[BASE_MODEL_ENV] == str((root / "base").resolve())
+    assert (home / "ran").is_file()  # the system install's binary is what ran
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"), [("empty", "no executable bin/tritonserver"), ("no-stub", "no Python backend")]
+)
+def test_a_broken_system_install_is_refused(tmp_path: Path, layout: str, message: str) -> None:
+    if layout == "no-stub":
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "tritonserver").write_text("#!/bin/sh\n")
+        (tmp_path / "bin" / "tritonserver").chmod(0o755)
+    with pytest.raises(LaunchError, match=message):
+        find_triton_install({TRITON_HOME_ENV: str(tmp_path)})
 
 
 def test_early_exit_raises_with_log_tail(tmp_path: Path) -> None:

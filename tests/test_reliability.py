@@ -322,7 +322,7 @@ def test_health_runs_a_canary_on_every_generate_model(healthy):
         assert all(" ok " in line for line in result.stdout.splitlines())
 
 
-def test_clients_cannot_use_the_model_repository_api(healthy):
+def test_clients_cannot_use_the_model_repository_shared_memory_logging_or_trace_apis(healthy):
     http = tritonclient.http.InferenceServerClient(healthy.http_url)
     grpc = tritonclient.grpc.InferenceServerClient(healthy.grpc_url)
     try:
@@ -331,6 +331,14 @@ def test_clients_cannot_use_the_model_repository_api(healthy):
                 client.unload_model("generate_stream")
             with pytest.raises(InferenceServerException, match="restricted"):
                 client.get_model_repository_index()
+            # Shared memory, logging and trace are closed too (nothing here needs them).
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_system_shared_memory_status()
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_log_settings()
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_trace_settings()
+        assert http.is_server_ready() and http.get_inference_statistics("generate")  # the rest stays open
     finally:
         http.close()
         grpc.close()
