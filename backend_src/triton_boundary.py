@@ -307,9 +307,10 @@ _CACHE_TOTALS = {
 class AdapterMetrics:
     """Per-adapter series, and the adapter cache's state, on Triton's /metrics (README: Metrics).
 
-    Requests are recorded from any thread (`record`, `refused`) and exported by a thread of this class's own
-    every EXPORT_INTERVAL_S (each update is a round trip to the Triton process), which also samples the
-    cache (`cache_state`, when the model has an adapter cache). Label values are bounded by `AdapterLabels`.
+    Requests are recorded from any thread (`record`, `refused`) and exported every EXPORT_INTERVAL_S (each
+    update is a round trip to the Triton process) on `run_on` (the responder) or a timer thread of its own;
+    each export also samples the cache (`cache_state`, when the model has an adapter cache). Label values are
+    bounded by `AdapterLabels`.
     """
 
     EXPORT_INTERVAL_S = 0.25
@@ -319,6 +320,7 @@ class AdapterMetrics:
         model_name: str,
         labels: AdapterLabels,
         cache_state: Callable[[], Mapping[str, float]] | None = None,
+        run_on: Callable[[Callable[[], None]], None] | None = None,
     ):
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         histogram = pb_utils.MetricFamily.HISTOGRAM
@@ -356,6 +358,9 @@ class AdapterMetrics:
         self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         self._cache_seen: dict[str, float] = {}
         self._tally = AdapterTally()
+        # Where exports run: the model's responder thread, so that these round trips to the Triton process
+        # never overlap its response sends (None: on this class's own timer thread).
+        self._run_on = run_on
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="adapter-metrics", daemon=True)
         self._thread.start()
@@ -397,7 +402,10 @@ class AdapterMetrics:
 
     def _run(self) -> None:
         while not self._stop.wait(self.EXPORT_INTERVAL_S):
-            self.export()
+            if self._run_on is None:
+                self.export()
+            else:
+                self._run_on(self.export)
         self.export()
 
     def export(self) -> None:

@@ -231,10 +231,13 @@ class TritonPythonModel:
         self.torch_thread = TorchThread("engine")
         self.engine = self.torch_thread.call(lambda: load_engine(config, instance_device(args)))
         self.metrics = ServingMetrics(args["model_name"])
-        self.adapter_metrics = AdapterMetrics(
-            args["model_name"], AdapterLabels(config.metrics_adapter_series), self.engine.adapters.counters
-        )
         self.responder = Responder()
+        self.adapter_metrics = AdapterMetrics(
+            args["model_name"],
+            AdapterLabels(config.metrics_adapter_series),
+            self.engine.adapters.counters,
+            run_on=self.responder.put,
+        )
         self.watch = CancelWatch()
         self._by_key: dict[str, _Reply] = {}
         # Keys cancelled before their request arrived (the two travel separately): honoured on arrival.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import http.client
 import json
 import queue
@@ -188,6 +189,7 @@ def _as_bytes(value: str | bytes) -> bytes:
 
 # The header a load balancer hashes on to keep each adapter on few replicas (docker/k8s/base/ingress.yaml).
 ROUTING_HEADER = "x-adapter-id"
+MAX_ROUTING_VALUE = 200
 
 
 def routing_headers(request: GenerateRequest) -> dict[str, str]:
@@ -199,7 +201,10 @@ def routing_headers(request: GenerateRequest) -> dict[str, str]:
         key = "tenant:" + (tenant.decode("utf-8", "replace") if isinstance(tenant, bytes) else tenant)
     if isinstance(key, bytes):
         key = key.decode("utf-8", "replace")
-    return {ROUTING_HEADER: urllib.parse.quote(key, safe=":._-~")}
+    value = urllib.parse.quote(key, safe=":._-~")
+    if len(value) > MAX_ROUTING_VALUE:  # no real id is this long: keep the header small, still consistent
+        value = "sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
+    return {ROUTING_HEADER: value}
 
 
 def build_inputs(request: GenerateRequest, module: ModuleType) -> list[Any]:

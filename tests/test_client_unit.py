@@ -5,6 +5,7 @@ Real tritonclient objects throughout; the only "server" is a closed loopback por
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import shlex
 import socket
@@ -434,6 +435,7 @@ def _recording_http_server(seen: list[dict[str, str]]):
         (GenerateRequest("hi", "", tenant_id="acme"), "tenant:acme"),
         (GenerateRequest("hi", "été/x"), "%C3%A9t%C3%A9%2Fx"),
         (GenerateRequest("hi", ""), ""),
+        (GenerateRequest("hi", "x" * 5000), "sha256:" + hashlib.sha256(b"x" * 5000).hexdigest()),
     ],
 )
 def test_every_request_carries_its_adapter_for_load_balancers_over_http_and_grpc(request_, expected):
