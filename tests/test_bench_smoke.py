@@ -86,26 +86,19 @@ def test_quick_cache_bench_loads_adapters_on_demand_and_writes_its_report(tmp_pa
     assert "| cold adapter: first request / warm request" in table
 
 
+def _gpu_check(device: str, out: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "bench.gpu_check", "--device", device, "--quick", "--out", str(out)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def test_gpu_check_bench_runs_on_the_cpu_and_refuses_a_missing_gpu(tmp_path: Path):
     """`python -m bench.gpu_check` (make gpu-check's bench) on the CPU: both rounds measured; asking for CUDA
     where torch sees none fails with the reason instead of a traceback."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _gpu_check("cpu", tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "mixed / 1 adapter:" in proc.stdout and "8 adapters mixed" in proc.stdout
     import torch
 
     if not torch.cuda.is_available():
-        missing = subprocess.run(
-            [sys.executable, "-m", "bench.gpu_check", "--device", "cuda", "--quick", "--out", str(tmp_path)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        missing = _gpu_check("cuda", tmp_path)
         assert missing.returncode == 2 and "no CUDA GPU" in missing.stderr
