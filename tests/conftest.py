@@ -131,10 +131,13 @@ def demo_server(tmp_path_factory, demo_merged_variants):
 
 @pytest.fixture(scope="session")
 def offline_engine(tiny_model):
-    """The same model and adapters in-process: the oracle for answers the server must give."""
+    """The same model and adapters in-process: the oracle for answers the server must give (no queue
+    timeout: on a loaded CI machine a big offline batch may wait longer than the server's default)."""
     from multiadapter.config import EngineConfig
     from multiadapter.engine import Engine
     from multiadapter.tokenization import TextCodec
 
-    engine = Engine.load(EngineConfig(base_model=tiny_model.base_model, adapter_dir=tiny_model.adapter_dir))
+    engine = Engine.load(
+        EngineConfig(base_model=tiny_model.base_model, adapter_dir=tiny_model.adapter_dir, queue_timeout_ms=0)
+    )
     return engine, TextCodec.load(tiny_model.base_model)

@@ -79,7 +79,9 @@ def test_delta_plus_residual_add_is_the_adapterhub_output_for_every_form(flags):
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     family = build_mixed_family("llama", tmp_path_factory.mktemp("bn_routing"))
-    return Engine.load(EngineConfig(base_model=family.base_dir, adapter_dir=family.adapter_dir))
+    return Engine.load(
+        EngineConfig(base_model=family.base_dir, adapter_dir=family.adapter_dir, queue_timeout_ms=0)
+    )
 
 
 def slot(engine, adapter_id: str) -> int:

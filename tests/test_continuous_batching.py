@@ -10,6 +10,7 @@ equal the same request run alone.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,9 @@ def family(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(family):
-    return Engine.load(EngineConfig(base_model=family.base_dir, adapter_dir=family.adapter_dir))
+    return Engine.load(
+        EngineConfig(base_model=family.base_dir, adapter_dir=family.adapter_dir, queue_timeout_ms=0)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +334,24 @@ def test_requests_waiting_for_an_adapter_load_are_bounded_and_time_out(family, m
     finally:
         gate.set()
         engine.stop_loop()
+
+
+def test_a_request_that_times_out_in_the_queue_answers_its_error_in_process(family):
+    """Engine.generate stepping the scheduler itself (no loop thread): a request that waits longer than
+    queue_timeout_ms answers UNAVAILABLE, never an empty result. Each forward pass is slowed to 20 ms, so
+    the requests queued behind the single row wait at least 20 ms against a 1 ms timeout."""
+    from multiadapter.errors import Unavailable
+
+    engine = Engine.load(
+        EngineConfig(
+            base_model=family.base_dir, adapter_dir=family.adapter_dir, max_batch_rows=1, queue_timeout_ms=1
+        )
+    )
+    hook = engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
+    try:
+        requests = [GenerationRequest(PROMPTS[i], family.lora_ids[0], max_tokens=2) for i in range(3)]
+        first, *rest = engine.generate(requests)
+    finally:
+        hook.remove()
+    assert isinstance(first, GenerationResult) and len(first.output_ids) == 2, first
+    assert rest and all(isinstance(e, Unavailable) and "waited" in str(e) for e in rest), rest

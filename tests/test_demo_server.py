@@ -24,7 +24,9 @@ def burst_requests():
     from multiadapter.engine import Engine
     from multiadapter.tokenization import TextCodec
 
-    engine = Engine.load(EngineConfig(base_model=DEMO / "base", adapter_dir=DEMO / "adapters"))
+    engine = Engine.load(
+        EngineConfig(base_model=DEMO / "base", adapter_dir=DEMO / "adapters", queue_timeout_ms=0)
+    )
     codec = TextCodec.load(DEMO / "base")
     rng = random.Random(2026)
     ids = list(TASKS)

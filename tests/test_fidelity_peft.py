@@ -27,7 +27,9 @@ def family(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(family):
-    return Engine.load(EngineConfig(base_model=family.base_dir, adapter_dir=family.adapter_dir))
+    return Engine.load(
+        EngineConfig(base_model=family.base_dir, adapter_dir=family.adapter_dir, queue_timeout_ms=0)
+    )
 
 
 @pytest.fixture(scope="module")

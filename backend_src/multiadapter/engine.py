@@ -458,7 +458,9 @@ class Engine:
         else:
             waiter.wait(len(submitted))
         for i, item in submitted:
-            error = waiter.errors.get(id(item.seq))
+            # Stepped here, a sequence's error (a queue timeout) is on the sequence; through the loop, the
+            # listener got it. Either way it is the request's answer, never an empty result.
+            error = waiter.errors.get(id(item.seq)) or item.seq.error
             outcomes[i] = error if error is not None else item.result()
         return outcomes  # type: ignore[return-value]
 
