@@ -65,7 +65,8 @@ $(TINY_STAMP): | $(VENV_STAMP)
 	$(VENV_PY) -m tools.tiny_model --out $(TINY_DIR)
 
 # The adapter cache and tenants: ADAPTER_DEVICE_BYTES=512MiB ADAPTER_HOST_BYTES=2GiB PRELOAD='*'|ids|'' PIN=ids
-# TENANTS=path/to/tenants.json (the launcher reads these from the environment; see python -m server --help).
+# TENANTS=path/to/tenants.json, and the base's quantization QUANTIZE=nf4|int8 (the launcher reads these from the
+# environment; see python -m server --help).
 serve: $(VENV_STAMP) $(SERVE_DEPS)
 	$(VENV_PY) -m server \
 		--base-model "$(SERVE_BASE_MODEL)" \

@@ -403,6 +403,9 @@ def format_listing(listing: dict) -> str:
             f"loads {listing.get('loads', 0)} from the store, "
             f"{listing.get('device_loads', 0)} onto the device, evictions {listing.get('evictions', 0)}"
         )
+    base = listing.get("base")
+    if base:
+        lines.append(f"base: {base['description']}")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ if str(BACKEND_SRC) not in sys.path:
 
 from multiadapter.environment import ENV_PREFIX  # noqa: E402 (torch-free, like the parsers below)
 from multiadapter.errors import ConfigError  # noqa: E402
-from multiadapter.parsing import adapter_id_list, parse_bytes  # noqa: E402
+from multiadapter.parsing import adapter_id_list, check_quantization, parse_bytes  # noqa: E402
 from multiadapter.tenants import TenantPolicy  # noqa: E402
 
 DEFAULT_MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -62,6 +62,8 @@ class ServerConfig:
     preload_adapters: str | None = None
     pinned_adapters: str | None = None
     tenant_policy: Path | None = None
+    # The base's quantization at load (none, nf4, int8; multiadapter.quantization); None: config.pbtxt's.
+    quantization: str | None = None
     # With a token, models are loaded under explicit model control and the model-repository API answers
     # only requests carrying it (header ADMIN_HEADER): the launcher's supervisor reloads models with it.
     admin_token: str | None = None
@@ -95,6 +97,7 @@ class ServerConfig:
             "preload_adapters": self.preload_adapters,
             "pinned_adapters": self.pinned_adapters,
             "tenant_policy": None if self.tenant_policy is None else str(self.tenant_policy),
+            "quantization": self.quantization,
         }
 
     def validated(self) -> ServerConfig:
@@ -145,6 +148,8 @@ class ServerConfig:
                     adapter_id_list(ids)
                 except ValueError as exc:
                     problems.append(f"--{name}: {exc}")
+        if self.quantization is not None:
+            problems += [f"--quantize: {p}" for p in check_quantization(self.quantization)]
         if self.tenant_policy is not None:
             try:
                 TenantPolicy.read(self.tenant_policy)

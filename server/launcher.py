@@ -22,6 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
+from multiadapter.parsing import (
+    QUANTIZATIONS,  # noqa: E402 (torch-free; server.config puts backend_src on the path)
+)
+
 from server.config import DEFAULT_EXIT_TIMEOUT_SECS, DEFAULT_MODEL_REPOSITORY, LOOPBACK, ServerConfig
 from server.errors import LaunchError, ServerStartError
 from server.process import DEFAULT_READY_TIMEOUT_S, ServerProcess, launch
@@ -102,6 +106,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=environ.get("PIN") or None,
         metavar="IDS",
         help="adapters never evicted, ids separated by commas (env PIN)",
+    )
+    parser.add_argument(
+        "--quantize",
+        default=environ.get("QUANTIZE") or None,
+        choices=QUANTIZATIONS,
+        help="quantize the base's linear layers at load with bitsandbytes: nf4 (QLoRA's 4-bit) or int8 "
+        "(LLM.int8); the output head stays unquantized (env QUANTIZE; default: the model's config.pbtxt, "
+        "none)",
     )
     cache.add_argument(
         "--tenants",
@@ -226,6 +238,7 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Serve
         preload_adapters=args.preload,
         pinned_adapters=args.pin,
         tenant_policy=args.tenants,
+        quantization=args.quantize,
         address=args.address,
         log_verbose=args.log_verbose,
         exit_timeout_secs=args.exit_timeout_secs,

@@ -623,7 +623,12 @@ def test_merged_variants_are_built_and_added_as_repositories(tiny_model, tmp_pat
 
 
 def test_cache_and_tenant_flags_come_from_the_command_line_or_the_environment(tmp_path: Path) -> None:
-    environ = {"ADAPTER_DEVICE_BYTES": "256MiB", "PRELOAD": "", "TENANTS": "/etc/tenants.json"}
+    environ = {
+        "ADAPTER_DEVICE_BYTES": "256MiB",
+        "PRELOAD": "",
+        "TENANTS": "/etc/tenants.json",
+        "QUANTIZE": "nf4",
+    }
     config, _ = parse_config(["--adapter-host-bytes", "1GiB", "--pin", "a,b"], environ)
     assert config.engine_settings() == {
         "adapter_device_bytes": "256MiB",
@@ -631,7 +636,12 @@ def test_cache_and_tenant_flags_come_from_the_command_line_or_the_environment(tm
         "preload_adapters": "",  # PRELOAD= empty: preload none
         "pinned_adapters": "a,b",
         "tenant_policy": "/etc/tenants.json",
+        "quantization": "nf4",
     }
+    config, _ = parse_config(["--quantize", "int8"], environ)
+    assert config.engine_settings()["quantization"] == "int8"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        parse_config(["--quantize", "fp8"], {})
     config, _ = parse_config([], {})
     assert set(config.engine_settings().values()) == {None}  # the model's config.pbtxt stays in force
 
@@ -652,6 +662,7 @@ def test_cache_settings_reach_the_models_environment_and_stale_ones_are_dropped(
         preload_adapters="",
         pinned_adapters="x",
         tenant_policy=policy,
+        quantization="nf4",
         admin_token="abc123",
     ).validated()
     stale = {"PATH": "/bin", "MULTIADAPTER_ADAPTER_HOST_BYTES": "1"}
@@ -666,6 +677,7 @@ def test_cache_settings_reach_the_models_environment_and_stale_ones_are_dropped(
     assert engine.pinned_adapters == ("x",)
     assert engine.tenant_policy == policy
     assert engine.canary_tenant == "canary-abc123"
+    assert engine.quantization == "nf4"
 
 
 def test_bad_cache_and_tenant_settings_are_refused_before_starting(tmp_path: Path) -> None:
@@ -676,9 +688,17 @@ def test_bad_cache_and_tenant_settings_are_refused_before_starting(tmp_path: Pat
         adapter_host_bytes="0",
         pinned_adapters="../etc",
         tenant_policy=tmp_path / "tenants.json",
+        quantization="fp8",
     )
     with pytest.raises(LaunchError) as error:
         config.validated()
     message = str(error.value)
-    for problem in ("'lots' is not a size", "host budget must be at least 1 byte", "--pin", "not in its"):
+    problems = (
+        "'lots' is not a size",
+        "host budget must be at least 1 byte",
+        "--pin",
+        "not in its",
+        "--quantize",
+    )
+    for problem in problems:
         assert problem in message, message

@@ -234,7 +234,7 @@ def build_variants(
     directories = {adapter_id: _adapter_dir(adapter_dir, adapter_id) for adapter_id in adapter_ids}
 
     # Every adapter is loaded and validated against the float32 base before anything is written.
-    base = load_base_model(base_model, torch.device("cpu"), torch.float32)
+    base, _ = load_base_model(base_model, torch.device("cpu"), torch.float32)
     modules = describe_modules(base)
     loaded = {}
     for adapter_id, directory in directories.items():

@@ -111,8 +111,10 @@ class AdapterManager:
         *,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
+        base_entry: BankEntry = BASE_ENTRY,
     ) -> None:
         self.store = store
+        self.base_entry = base_entry  # what the bare base answers with (its version names a quantization)
         self.bank = bank
         self.budgets = budgets or CacheBudgets()
         self._clock = clock
@@ -139,7 +141,7 @@ class AdapterManager:
         it must be loaded first (`acquire_later`). '' is the base. Raises AdapterNotFound when the store
         has no such adapter, or refuses it (with the reason)."""
         if adapter_id == BASE_ADAPTER_ID:
-            return BASE_ENTRY
+            return self.base_entry
         with self._lock:
             self._check(adapter_id)
             version = self._current.get(adapter_id)

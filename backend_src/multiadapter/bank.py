@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .adapter_ids import BASE_ADAPTER_ID
@@ -53,11 +54,14 @@ class AdapterBank:
     sequences that started on it finish); which entry serves an id is the adapter manager's business.
     """
 
-    def __init__(self, model: nn.Module, capacity: int):
+    def __init__(self, model: nn.Module, capacity: int, lora_dtype: torch.dtype | None = None):
+        """lora_dtype: the dtype LoRA weights are kept and deltas computed in (None: each layer's weight
+        dtype; float32 over a quantized base)."""
         if capacity < 1:
             raise ValueError("bank capacity must be at least 1")
         self._model = model
         self.capacity = capacity
+        self.lora_dtype = lora_dtype
         self._entries: dict[int, BankEntry] = {}
         self._layers: dict[str, BankedLinear] = {}
         self._sites: dict[BottleneckPlace, BankedBottleneck] = {}
@@ -90,7 +94,7 @@ class AdapterBank:
                 modules, places = (), tuple(adapter.places)
             else:
                 for name, weights in adapter.modules.items():
-                    layer = self._layers.get(name) or banked_layer(self._model, name)
+                    layer = self._layers.get(name) or banked_layer(self._model, name, self.lora_dtype)
                     layer.store(free, weights.a, weights.b_scaled)
                     self._layers[name] = layer
                 modules, places = tuple(adapter.modules), ()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from .bottleneck import ATTENTION, FFN, BankedBottleneck, BottleneckPlace
 from .errors import ConfigError
 from .layers import BankedLinear
+from .quantization import NONE, QuantizedBase, check_checkpoint, load_quantized
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,15 @@ class ModuleInfo:
     is_output_layer: bool = False
 
 
-def load_base_model(path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Load a Hugging Face causal LM directory (weights from safetensors only), frozen, in eval mode."""
+def load_base_model(
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: str = NONE,
+    quantization_skip: Sequence[str] = (),
+) -> tuple[nn.Module, QuantizedBase]:
+    """Load a Hugging Face causal LM directory (weights from safetensors only), frozen, in eval mode, with
+    its linear layers quantized at load when `quantization` is nf4 or int8 (quantization.py)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(
@@ -44,13 +53,18 @@ def load_base_model(path: Path, device: torch.device, dtype: torch.dtype) -> nn.
         raise ConfigError(
             "base model", [f"{path} has no *.safetensors weights (pickle weights are not loaded)"]
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, local_files_only=True, use_safetensors=True
-    )
-    model.to(device)
+    check_checkpoint(config)
+    if quantization == NONE:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, local_files_only=True, use_safetensors=True
+        )
+        model.to(device)
+        quantized = QuantizedBase(NONE, dtype, (), {})
+    else:
+        model, quantized = load_quantized(path, config, quantization, device, dtype, quantization_skip)
     model.eval()
     model.requires_grad_(False)
-    return model
+    return model, quantized
 
 
 def describe_modules(model: nn.Module) -> dict[str, ModuleInfo]:
@@ -75,14 +89,14 @@ def describe_modules(model: nn.Module) -> dict[str, ModuleInfo]:
     return infos
 
 
-def banked_layer(model: nn.Module, name: str) -> BankedLinear:
-    """The BankedLinear at `name`, wrapping the base module there on first use."""
+def banked_layer(model: nn.Module, name: str, dtype: torch.dtype | None = None) -> BankedLinear:
+    """The BankedLinear at `name`, wrapping the base module there on first use (LoRA weights in `dtype`)."""
     module = model.get_submodule(name)
     if isinstance(module, BankedLinear):
         return module
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    wrapped = BankedLinear(module)
+    wrapped = BankedLinear(module, dtype)
     setattr(parent, child, wrapped)
     return wrapped
 
@@ -134,7 +148,9 @@ def bottleneck_site(model: nn.Module, place: BottleneckPlace) -> BankedBottlenec
     layer = model.get_submodule(layout.layers_path)[place.layer]
     norm_name, block_name = layout.norm_and_block[place.position]
     norm, block = layer.get_submodule(norm_name), layer.get_submodule(block_name)
-    site = BankedBottleneck(place, layout.hidden_size, next(block.parameters()))
+    # The first float parameter gives the activations' dtype and device (a quantized block's are integers).
+    like = next(p for p in (*norm.parameters(), *block.parameters()) if p.is_floating_point())
+    site = BankedBottleneck(place, layout.hidden_size, like)
     site.attach(norm, block)
     sites[place] = site
     return site

@@ -15,7 +15,7 @@ from .environment import ENV_ADAPTER_DIR, ENV_BASE_MODEL, ENV_CANARY_TENANT, ENV
 from .errors import ConfigError
 from .lora_loading import DEFAULT_MAX_ADAPTER_BYTES
 from .merged_variant import MERGED_INFO_FILE
-from .parsing import adapter_id_list, parse_bytes
+from .parsing import adapter_id_list, check_quantization, parse_bytes
 from .sampling import SamplingLimits
 from .tenants import TenantPolicy
 
@@ -35,6 +35,10 @@ class EngineConfig:
     adapter_dir: Path | None = None
     merged: bool = False
     dtype: str = "auto"
+    # The base's linear layers quantized at load (quantization.py): none, nf4 or int8; layers kept unquantized
+    # besides the output head.
+    quantization: str = "none"
+    quantization_skip: tuple[str, ...] = ()
     max_adapters: int = 64
     limits: SamplingLimits = SamplingLimits()
     num_threads: int = 0
@@ -68,7 +72,8 @@ class EngineConfig:
     def from_parameters(cls, params: Mapping[str, str], env: Mapping[str, str] | None = None) -> EngineConfig:
         """Build from string parameters; `env` (default os.environ) overrides the two paths.
 
-        Keys: base_model, adapter_dir, merged_model, dtype, max_adapters, default_max_tokens,
+        Keys: base_model, adapter_dir, merged_model, dtype, quantization (none, nf4, int8),
+        quantization_skip (layer names), max_adapters, default_max_tokens,
         max_tokens_cap, num_threads, max_adapter_bytes, batching, max_batch_rows, max_kv_tokens,
         prefill_chunk, max_waiting_requests, queue_timeout_ms, metrics_adapter_series, adapter_device_bytes,
         adapter_host_bytes
@@ -83,6 +88,8 @@ class EngineConfig:
             "base_model",
             "adapter_dir",
             "dtype",
+            "quantization",
+            "quantization_skip",
             "max_adapters",
             "default_max_tokens",
             "max_tokens_cap",
@@ -99,6 +106,7 @@ class EngineConfig:
             *ENV_OVERRIDES,
         }
         problems = [f"unknown parameter {k!r}" for k in params if k not in known]
+        own_quantization = params.get("quantization", "")
         params = {**params}
         for key in ENV_OVERRIDES:
             if ENV_PREFIX + key.upper() in env:  # set by the launcher, even to "" (preload none)
@@ -125,6 +133,16 @@ class EngineConfig:
         dtype = params.get("dtype", "auto") or "auto"
         if dtype != "auto" and dtype not in DTYPES:
             problems.append(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+        # The launcher's --quantize is the bank's; a merged variant reads only its own parameter.
+        quantization = (own_quantization if merged else params.get("quantization", "")) or "none"
+        problems += check_quantization(quantization)
+        if merged and quantization != "none":
+            problems.append(
+                "a merged-weight variant is not quantized: merging into 4-bit weights is lossy, and merging"
+                " into their dequantized copy would hold a full-precision model; serve adapters over a"
+                " quantized base through the bank"
+            )
+        skip = tuple(name.strip() for name in params.get("quantization_skip", "").split(",") if name.strip())
         batching = params.get("batching", "continuous") or "continuous"
         if batching not in BATCHING:
             problems.append(f"batching must be one of {list(BATCHING)}, got {batching!r}")
@@ -179,6 +197,8 @@ class EngineConfig:
             adapter_dir=Path(adapters) if adapters else None,
             merged=bool(merged),
             dtype=dtype,
+            quantization=quantization,
+            quantization_skip=skip,
             max_adapters=integer("max_adapters", 64, 1),
             limits=limits,
             num_threads=integer("num_threads", 0, 0),
@@ -216,6 +236,8 @@ class EngineConfig:
         )
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the model's unquantized parameters and activations ('auto': bfloat16 on CUDA and
+        under a quantized base, where it is also the 4-bit layers' compute dtype; float32 otherwise)."""
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            return torch.bfloat16 if device.type == "cuda" or self.quantization != "none" else torch.float32
         return DTYPES[self.dtype]

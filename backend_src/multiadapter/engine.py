@@ -24,7 +24,7 @@ from .adapter_format import BOTTLENECK, adapter_format
 from .adapter_ids import check_adapter_id
 from .adapter_manager import AdapterManager
 from .adapter_store import Adapter, AdapterStore
-from .bank import BASE_SLOT, AdapterBank, BankEntry
+from .bank import BASE_ENTRY, BASE_SLOT, AdapterBank, BankEntry
 from .base_model import ModuleInfo, bottleneck_layout, context_window, describe_modules, load_base_model
 from .bottleneck_loading import load_bottleneck_adapter
 from .config import EngineConfig
@@ -33,6 +33,7 @@ from .generation import Batch, RowRequest, forward_logits, generate_rows, left_p
 from .loop import EngineLoop, SequenceListener, TorchThread
 from .lora_loading import load_lora_adapter
 from .merged_variant import MergedInfo
+from .quantization import DELTA_DTYPE, NONE, QuantizedBase, version_tag
 from .sampling import SamplingParams
 from .scheduler import ERROR as LOOP_ERROR
 from .scheduler import Scheduler, SchedulerLimits, StepResult
@@ -133,20 +134,29 @@ class Engine:
         *,
         eos_ids: frozenset[int],
         pad_id: int,
+        quantized: QuantizedBase | None = None,
     ):
         self.model = model
         self.config = config
         self.device = device
         self.dtype = next(model.parameters()).dtype
+        self.quantized = quantized or QuantizedBase(NONE, self.dtype, (), {})
+        # Over a quantized base LoRA weights stay in float32 and deltas are computed in it (as PEFT does);
+        # `adapter_version` names the base's quantization (+nf4, +int8), the bare base's included.
+        self.lora_dtype = DELTA_DTYPE if self.quantized.method != NONE else self.dtype
+        self.version_tag = version_tag(self.quantized.method)
         self.modules: dict[str, ModuleInfo] = describe_modules(model)
         self.bottleneck_layout = bottleneck_layout(model)
-        self.bank = AdapterBank(model, config.max_adapters)
+        self.bank = AdapterBank(model, config.max_adapters, self.lora_dtype)
         store = (
             AdapterStore(config.adapter_dir, self._read_adapter)
             if config.adapter_dir is not None and not config.merged
             else None
         )
-        self.adapters = AdapterManager(store, self.bank, config.cache_budgets())
+        base_entry = (
+            dataclasses.replace(BASE_ENTRY, version=self.version_tag) if self.version_tag else BASE_ENTRY
+        )
+        self.adapters = AdapterManager(store, self.bank, config.cache_budgets(), base_entry=base_entry)
         self.context_window = context_window(model)
         self.eos_ids = eos_ids
         self.pad_id = pad_id
@@ -176,7 +186,14 @@ class Engine:
     def load(cls, config: EngineConfig, device: torch.device | str = "cpu") -> Engine:
         """Load the base model and every adapter found under `config.adapter_dir`."""
         device = torch.device(device)
-        model = load_base_model(config.base_model, device, config.torch_dtype(device))
+        model, quantized = load_base_model(
+            config.base_model,
+            device,
+            config.torch_dtype(device),
+            config.quantization,
+            config.quantization_skip,
+        )
+        log.info("base model %s on %s: %s", config.base_model, device, quantized.describe())
         eos = model.generation_config.eos_token_id
         if eos is None:
             eos = model.config.eos_token_id
@@ -186,7 +203,7 @@ class Engine:
             pad = model.config.pad_token_id
         if pad is None:
             pad = min(eos_ids) if eos_ids else 0
-        engine = cls(model, config, device, eos_ids=eos_ids, pad_id=int(pad))
+        engine = cls(model, config, device, eos_ids=eos_ids, pad_id=int(pad), quantized=quantized)
         store = engine.adapters.store
         if store is not None:
             wanted = config.preload_adapters
@@ -207,7 +224,7 @@ class Engine:
         """One adapter from its folder, validated, on the host in the engine's dtype (the store's loader)."""
         if adapter_format(adapter_id, directory) == BOTTLENECK:
             output = self.model.get_output_embeddings()
-            return load_bottleneck_adapter(
+            adapter = load_bottleneck_adapter(
                 adapter_id,
                 directory,
                 self.bottleneck_layout,
@@ -216,14 +233,18 @@ class Engine:
                 device="cpu",
                 max_bytes=self.config.max_adapter_bytes,
             )
-        return load_lora_adapter(
-            adapter_id,
-            directory,
-            self.modules,
-            dtype=self.dtype,
-            device="cpu",
-            max_bytes=self.config.max_adapter_bytes,
-        )
+        else:
+            adapter = load_lora_adapter(
+                adapter_id,
+                directory,
+                self.modules,
+                dtype=self.lora_dtype,
+                device="cpu",
+                max_bytes=self.config.max_adapter_bytes,
+            )
+        if self.version_tag:
+            adapter = dataclasses.replace(adapter, version=adapter.version + self.version_tag)
+        return adapter
 
     def acquire(self, adapter_id: str) -> BankEntry | None:
         """The entry serving `adapter_id` ('' is the base) with a reference taken (`release` it), or None
@@ -283,7 +304,8 @@ class Engine:
 
     def listing(self, tenant_id: str | None = None) -> dict[str, object]:
         """What the adapter cache holds, JSON-ready: every adapter of the store with its tier, kind, shape,
-        version, bytes, pin and sequences using it; the budgets and their use; loads and evictions. With a
+        version, bytes, pin and sequences using it; the budgets and their use; loads and evictions; the
+        base's quantization and the layers it left unquantized. With a
         tenant policy only the adapters `tenant_id` may use are listed (RequestError for no or unknown
         tenant, as for generation)."""
         rows = self.adapters.listing()
@@ -297,6 +319,11 @@ class Engine:
             "device_loads": self.adapters.device_loads,
             "evictions": self.adapters.evictions,
             "merged": None if self.merged is None else self.merged.adapter_id,
+            "base": {
+                "quantization": self.quantized.method,
+                "description": self.quantized.describe(),
+                "unquantized_layers": dict(self.quantized.kept),
+            },
         }
 
     def _row(self, request: GenerationRequest) -> RowRequest:

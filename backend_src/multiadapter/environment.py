@@ -16,4 +16,5 @@ ENV_OVERRIDES = (
     "preload_adapters",
     "pinned_adapters",
     "tenant_policy",
+    "quantization",
 )

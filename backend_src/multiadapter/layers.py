@@ -47,7 +47,9 @@ class BankedLinear(nn.Module):
     storage; slots of adapters that do not target this layer are absent.
     """
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, base: nn.Module, dtype: torch.dtype | None = None):
+        """dtype: of the LoRA storage and deltas (None: the base weight's; float32 over a quantized layer,
+        whose weight is packed integers)."""
         super().__init__()
         if isinstance(base, nn.Linear):
             in_features, out_features = base.in_features, base.out_features
@@ -59,8 +61,13 @@ class BankedLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         weight = base.weight
-        self.register_buffer("a_t", weight.new_zeros(0, self.in_features, 0), persistent=False)
-        self.register_buffer("b_t", weight.new_zeros(0, 0, self.out_features), persistent=False)
+        # A bitsandbytes layer (Linear4bit / Linear8bitLt) is an nn.Linear whose weight holds integers.
+        self.quantized = not weight.dtype.is_floating_point
+        if dtype is None:
+            dtype = torch.float32 if self.quantized else weight.dtype
+        kwargs = {"dtype": dtype, "device": weight.device}
+        self.register_buffer("a_t", torch.zeros(0, self.in_features, 0, **kwargs), persistent=False)
+        self.register_buffer("b_t", torch.zeros(0, 0, self.out_features, **kwargs), persistent=False)
         self.local_of_slot: dict[int, int] = {}
         self.route: Route | None = None
         self.layout = 0  # bumped when the storage's rank grows (per-row weights made before no longer fit)
@@ -131,12 +138,22 @@ class BankedLinear(nn.Module):
         return Route(row_index, self.a_t.index_select(0, index), self.b_t.index_select(0, index))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, in] -> [B, T, out]: the base layer for all rows plus the routed LoRA deltas."""
+        """x: [B, T, in] -> [B, T, out]: the base layer for all rows plus the routed LoRA deltas.
+
+        When the LoRA storage's dtype differs from the activations' (float32 deltas over a bf16 or quantized
+        base), rows are cast in, and the sum rounded as PEFT does: over a quantized layer the delta is cast to
+        the output's dtype and added (PEFT's bitsandbytes layers), over a float layer the two are added in the
+        delta's dtype and the sum cast (PEFT's Linear). Equal dtypes make both casts no-ops.
+        """
         y = self.base(x)
         route = self.route
         if route is None:
             return y
+        rows = x if route.rows is None else x.index_select(0, route.rows)
+        delta = lora_delta(rows.to(route.a_t.dtype), route.a_t, route.b_t)
+        if self.quantized or delta.dtype == y.dtype:
+            delta = delta.to(y.dtype)
+            return y + delta if route.rows is None else y.index_add(0, route.rows, delta)
         if route.rows is None:
-            return y + lora_delta(x, route.a_t, route.b_t)
-        delta = lora_delta(x.index_select(0, route.rows), route.a_t, route.b_t)
-        return y.index_add(0, route.rows, delta)
+            return (y + delta).to(y.dtype)
+        return y.index_copy(0, route.rows, (y.index_select(0, route.rows) + delta).to(y.dtype))

@@ -28,3 +28,14 @@ def adapter_id_list(text: str) -> tuple[str, ...]:
         except Exception as exc:  # InvalidRequest: a configuration problem here
             raise ValueError(str(exc)) from exc
     return ids
+
+
+# The base's quantization at load (quantization.py); here for the torch-free launcher's checks.
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
+def check_quantization(method: str) -> list[str]:
+    """Problems with a quantization setting (none when it is a known method)."""
+    if method not in QUANTIZATIONS:
+        return [f"quantization must be one of {list(QUANTIZATIONS)}, got {method!r}"]
+    return []

@@ -1,0 +1,162 @@
+"""A small Llama saved in bf16 and PEFT LoRA adapters made over its quantized (NF4 / int8) load, for the
+quantized-base tests and benchmark. Dimensions are multiples of 64, which every bitsandbytes CPU and CUDA
+kernel takes (AVX512-BF16 CPUs repack NF4 weights in blocks of 32 x 64)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 160  # not a layer width: the float embedding and head must not look like a linear weight
+EOS, BOS, PAD = 2, 1, 0
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+QUANTIZED_ADAPTERS = {
+    "q2": dict(r=2, lora_alpha=4, target_modules=["q_proj"]),
+    "all16": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=ALL_LINEAR),
+    "mlp8": dict(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+}
+TRAINED = "qlora"  # trained a few steps over the quantized base with prepare_model_for_kbit_training
+TRAINED_SPEC = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+@dataclass(frozen=True)
+class QuantizedFamily:
+    method: str
+    base_dir: Path
+    adapter_dir: Path
+    adapter_ids: tuple[str, ...]
+
+
+def bnb_config(method: str) -> BitsAndBytesConfig:
+    """The quantization the engine applies for `method` (multiadapter.quantization), built here by hand."""
+    if method == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+
+
+def load_quantized(base_dir: Path, method: str) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=bnb_config(method), device_map={"": "cpu"}, dtype=torch.bfloat16
+    )
+
+
+def task_batch(step: int, rows: int = 32, length: int = 16) -> torch.Tensor:
+    """Token sequences counting by `step` through the ids 3..VOCAB-1 (wrapping), from random starts."""
+    span = VOCAB - 3
+    start = torch.randint(0, span, (rows, 1))
+    return 3 + (start + step * torch.arange(length)[None]) % span
+
+
+def train(model: torch.nn.Module, step: int, steps: int, lr: float) -> None:
+    """A few AdamW steps of next-token loss on `task_batch(step)`: confident greedy answers (wide margins
+    between the first and second token), so bf16 rounding rarely decides them."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        tokens = task_batch(step)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def build_base(out: Path, seed: int = 0) -> Path:
+    """A small Llama trained to count by one (150 steps, a few seconds), saved in bf16."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=EOS,
+        bos_token_id=BOS,
+        pad_token_id=PAD,
+    )
+    model = LlamaForCausalLM(config)
+    train(model, step=1, steps=150, lr=1e-2)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_adapters(base_dir: Path, out: Path, method: str, seed: int = 300) -> tuple[str, ...]:
+    """PEFT LoRA adapters over the `method` load of the base: three of several ranks and targets from random
+    non-zero weights, each trained a few steps to count by its own step (3, 4, 5; random weights alone leave
+    greedy answers to rounding), and one trained as QLoRA is (prepare_model_for_kbit_training, then AdamW)
+    to count by two."""
+    for i, (adapter_id, spec) in enumerate(QUANTIZED_ADAPTERS.items()):
+        torch.manual_seed(seed + i)
+        model = get_peft_model(load_quantized(base_dir, method), LoraConfig(init_lora_weights=False, **spec))
+        train(model, step=3 + i, steps=20, lr=1e-2)
+        model.save_pretrained(out / adapter_id, safe_serialization=True)
+    torch.manual_seed(seed + 99)
+    base = prepare_model_for_kbit_training(load_quantized(base_dir, method), use_gradient_checkpointing=False)
+    model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **TRAINED_SPEC))
+    train(model, step=2, steps=30, lr=1e-2)
+    model.save_pretrained(out / TRAINED, safe_serialization=True)
+    return (*QUANTIZED_ADAPTERS, TRAINED)
+
+
+def build_quantized_family(root: Path, method: str) -> QuantizedFamily:
+    base_dir = root / "base"
+    if not (base_dir / "config.json").is_file():
+        build_base(base_dir)
+    ids = build_adapters(base_dir, root / f"adapters_{method}", method)
+    return QuantizedFamily(method, base_dir, root / f"adapters_{method}", ids)
+
+
+def peft_over_quantized(family: QuantizedFamily) -> PeftModel:
+    """PEFT over the same quantized load with every adapter of the family (eval; adapter_names batches)."""
+    base = load_quantized(family.base_dir, family.method)
+    first, *rest = family.adapter_ids
+    model = PeftModel.from_pretrained(base, family.adapter_dir / first, adapter_name=first)
+    for adapter_id in rest:
+        model.load_adapter(family.adapter_dir / adapter_id, adapter_name=adapter_id)
+    return model.eval()
+
+
+BOTTLENECKS = {"bn_seq": "seq_bn", "bn_par": "par_bn"}
+
+
+def build_bottleneck_adapters(base_dir: Path, out: Path, seed: int = 200) -> tuple[str, ...]:
+    """AdapterHub bottleneck adapters (sequential and parallel) with random non-zero weights, made on the
+    float32 load of the base (AdapterHub adapters are not trained over a quantized base)."""
+    import adapters
+
+    from tests.adapterhub_factories import randomize_bottleneck
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    adapters.init(model)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (adapter_id, config) in enumerate(BOTTLENECKS.items()):
+        model.add_adapter(adapter_id, config=config)
+        randomize_bottleneck(model, adapter_id, seed + i)
+        model.save_adapter(str(out / adapter_id), adapter_id, use_safetensors=True)
+    return tuple(BOTTLENECKS)
+
+
+def adapterhub_over_quantized(base_dir: Path, method: str, adapter_dir: Path, ids) -> torch.nn.Module:
+    """AdapterHub over the `method` load of the base with the bottleneck adapters `ids`, their weights cast
+    to the activations' bf16 (AdapterHub loads them in float32, which its layers cannot mix with bf16)."""
+    import adapters
+
+    model = load_quantized(base_dir, method)
+    adapters.init(model)
+    for adapter_id in ids:
+        model.load_adapter(str(adapter_dir / adapter_id), load_as=adapter_id, use_safetensors=True)
+    for name, param in model.named_parameters():
+        if ".adapters." in name:
+            param.data = param.data.to(torch.bfloat16)
+    return model.eval()
