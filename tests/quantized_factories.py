@@ -4,15 +4,26 @@ kernel takes (AVX512-BF16 CPUs repack NF4 weights in blocks of 32 x 64)."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
-VOCAB = 160  # not a layer width: the float embedding and head must not look like a linear weight
-EOS, BOS, PAD = 2, 1, 0
+# The byte-level tokenizer of tools.tiny_model (ids 0-3 special, byte b is id 4 + b), so the model serves
+# text; 260 is no layer width, so the float embedding and head never look like a linear layer's weight.
+VOCAB = 260
+EOS, BOS, PAD, SEP = 2, 1, 0, 3
+# The model counts through the lowercase letters (ids of bytes a-z), wrapping.
+LETTERS = range(4 + ord("a"), 4 + ord("z") + 1)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 QUANTIZED_ADAPTERS = {
@@ -51,10 +62,21 @@ def load_quantized(base_dir: Path, method: str) -> torch.nn.Module:
 
 
 def task_batch(step: int, rows: int = 32, length: int = 16) -> torch.Tensor:
-    """Token sequences counting by `step` through the ids 3..VOCAB-1 (wrapping), from random starts."""
-    span = VOCAB - 3
+    """Token sequences counting by `step` through the letters (wrapping) from random starts, framed as the
+    tokenizer frames a prompt: BOS first, and SEP after a random number of letters (the count goes on after
+    it, as an answer goes on from its prompt)."""
+    span = len(LETTERS)
     start = torch.randint(0, span, (rows, 1))
-    return 3 + (start + step * torch.arange(length)[None]) % span
+    letters = LETTERS[0] + (start + step * torch.arange(length)[None]) % span
+    cut = int(torch.randint(1, length - 1, ()))
+    bos, sep = torch.full((rows, 1), BOS), torch.full((rows, 1), SEP)
+    return torch.cat([bos, letters[:, :cut], sep, letters[:, cut:]], dim=1)
+
+
+def random_prompts(count: int, seed: int, lengths: tuple[int, int] = (3, 12)) -> list[list[int]]:
+    """Prompts as the tokenizer makes them from random lowercase text: BOS, letters, SEP."""
+    rng = random.Random(seed)
+    return [[BOS, *(rng.choice(LETTERS) for _ in range(rng.randint(*lengths))), SEP] for _ in range(count)]
 
 
 def train(model: torch.nn.Module, step: int, steps: int, lr: float) -> None:
@@ -71,7 +93,9 @@ def train(model: torch.nn.Module, step: int, steps: int, lr: float) -> None:
 
 
 def build_base(out: Path, seed: int = 0) -> Path:
-    """A small Llama trained to count by one (150 steps, a few seconds), saved in bf16."""
+    """A small Llama trained to count by one (150 steps, a few seconds), saved in bf16 with its tokenizer."""
+    from tools.tiny_model import build_tokenizer
+
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -87,7 +111,9 @@ def build_base(out: Path, seed: int = 0) -> Path:
     )
     model = LlamaForCausalLM(config)
     train(model, step=1, steps=150, lr=1e-2)
+    model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    build_tokenizer().save_pretrained(out)
     return out
 
 

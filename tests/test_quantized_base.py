@@ -21,7 +21,6 @@ PEFT's *uncached* forward over the same quantized base. Tolerances, over many pr
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from collections import defaultdict
 
@@ -32,7 +31,7 @@ from multiadapter.engine import Engine, GenerationRequest, GenerationResult
 from multiadapter.errors import ConfigError
 from multiadapter.quantization import is_quantized, weight_bytes
 
-from tests.quantized_factories import EOS, peft_over_quantized
+from tests.quantized_factories import EOS, peft_over_quantized, random_prompts
 
 LOGIT_TOL = 0.0625
 BOTTLENECK_TOL = 2**-5  # of the largest |logit|
@@ -79,10 +78,7 @@ def reference(family):
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = random.Random(13)
-    return [
-        [1, *(rng.randrange(3, 128) for _ in range(rng.randint(3, 12)))] for _ in range(PROMPTS_PER_ADAPTER)
-    ]
+    return random_prompts(PROMPTS_PER_ADAPTER, seed=13)
 
 
 def peft_logits(reference, batch, adapter_ids):
@@ -193,8 +189,8 @@ def test_greedy_answers_agree_with_pefts_uncached_forward_over_many_prompts(
 
 def test_adapter_version_and_listing_name_the_quantization(engine, family):
     tag = f"+{family.method}"
-    (lora,) = engine.generate([GenerationRequest([1, 5, 6], family.adapter_ids[0], max_tokens=2)])
-    (base,) = engine.generate([GenerationRequest([1, 5, 6], "", max_tokens=2)])
+    (lora,) = engine.generate([GenerationRequest([1, 105, 106], family.adapter_ids[0], max_tokens=2)])
+    (base,) = engine.generate([GenerationRequest([1, 105, 106], "", max_tokens=2)])
     assert lora.adapter_version.startswith("sha256:") and lora.adapter_version.endswith(tag)
     assert base.adapter_version == tag
     listing = engine.listing()
@@ -220,7 +216,7 @@ def test_a_layer_named_in_quantization_skip_stays_unquantized(family):
     assert not is_quantized(layer) and layer.weight.dtype == torch.bfloat16
     assert engine.quantized.kept["model.layers.0.self_attn.q_proj"] == "named in quantization_skip"
     assert is_quantized(getattr(engine.model.get_submodule("model.layers.1.self_attn.q_proj"), "base", None))
-    (answer,) = engine.generate([GenerationRequest([1, 5, 6], family.adapter_ids[0], max_tokens=2)])
+    (answer,) = engine.generate([GenerationRequest([1, 105, 106], family.adapter_ids[0], max_tokens=2)])
     assert isinstance(answer, GenerationResult) and len(answer.output_ids) == 2
 
 
@@ -287,8 +283,7 @@ def test_bottleneck_adapters_over_the_quantized_base_match_adapterhub(family, tm
     assert engine.refused == {}
     hub = adapterhub_over_quantized(family.base_dir, family.method, store, bottlenecks)
     lora = peft_over_quantized(family)
-    rng = random.Random(5)
-    prompts = [[1, *(rng.randrange(3, 128) for _ in range(rng.randint(3, 10)))] for _ in range(16)]
+    prompts = random_prompts(16, seed=5)
     cycle = [*bottlenecks, TRAINED, ""]
     ids = [cycle[i % len(cycle)] for i in range(len(prompts))]
     ours, batch = engine.logits(prompts, ids)
@@ -317,3 +312,58 @@ def test_bottleneck_adapters_over_the_quantized_base_match_adapterhub(family, tm
         if adapter_id:  # the adapter's own effect on these rows dwarfs the tolerance
             effect = (theirs - hub_logits("", sub))[real].abs().max()
             assert effect > 4 * BOTTLENECK_TOL * spread, (adapter_id, effect)
+
+
+def test_the_server_serves_mixed_concurrent_requests_over_nf4_like_peft(family, reference, tmp_path_factory):
+    """`make serve QUANTIZE=nf4`, through the launcher's setting: the real tritonserver answers concurrent
+    requests for every adapter and the base, over HTTP and gRPC, like PEFT's uncached greedy forward over
+    the same NF4 load; answers name the quantization, and so does the adapters listing."""
+    from multiadapter.tokenization import TextCodec
+
+    from client import AdapterClient, GenerateRequest, GenerateResult
+    from server.process import start_server
+    from tests.conftest import ROOT
+    from tests.quantized_factories import LETTERS
+
+    if family.method != "nf4":
+        pytest.skip("the server runs once, with nf4")
+    codec = TextCodec.load(family.base_dir)
+    prompts = random_prompts(60, seed=21)
+    cycle = [*family.adapter_ids, ""]
+    ids = [cycle[i % len(cycle)] for i in range(len(prompts))]
+    texts = ["".join(chr(t - 4) for t in p[1:-1]) for p in prompts]
+    assert all(codec.encode(t.encode()) == p for t, p in zip(texts, prompts, strict=True))
+    truth = {}
+    for adapter_id in cycle:
+        rows = [i for i, a in enumerate(ids) if a == adapter_id]
+        answers = peft_uncached_greedy(reference, [prompts[i] for i in rows], adapter_id, MAX_TOKENS)
+        truth.update({i: codec.decode(answer) for i, answer in zip(rows, answers, strict=True)})
+    assert all(set(truth[i]) <= {chr(t - 4) for t in LETTERS} for i in truth)  # letters: real answers
+    log_dir = tmp_path_factory.mktemp("triton-nf4")
+    server = start_server(
+        ROOT / "model_repository",
+        family.base_dir,
+        family.adapter_dir,
+        log_path=log_dir / "tritonserver.log",
+        ready_timeout_s=600,
+        engine_settings={"quantization": "nf4"},
+    )
+    try:
+        agreed = {}
+        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            requests = [GenerateRequest(t, a, max_tokens=MAX_TOKENS) for t, a in zip(texts, ids, strict=True)]
+            with AdapterClient(url, protocol=protocol, timeout_s=120) as client:
+                outcomes = client.generate_many(requests, concurrency=12)
+                listing = client.adapters()
+            assert all(isinstance(o, GenerateResult) for o in outcomes), outcomes
+            assert all(
+                o.adapter_id == a and o.adapter_version.endswith("+nf4")
+                for o, a in zip(outcomes, ids, strict=True)
+            )
+            agreed[protocol] = sum(o.text == truth[i] for i, o in enumerate(outcomes)) / len(outcomes)
+            assert listing["base"]["quantization"] == "nf4", listing["base"]
+        assert all(share >= GREEDY_AGREEMENT for share in agreed.values()), agreed
+    finally:
+        server.stop()
+    log = (log_dir / "tritonserver.log").read_text(errors="replace")
+    assert "nf4 (bitsandbytes" in log  # the start-up log names the base's quantization
