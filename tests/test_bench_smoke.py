@@ -86,6 +86,30 @@ def test_quick_cache_bench_loads_adapters_on_demand_and_writes_its_report(tmp_pa
     assert "| cold adapter: first request / warm request" in table
 
 
+def test_quick_quantized_bench_measures_every_load_and_writes_its_report(tmp_path: Path):
+    """`python -m bench.quantized --quick`: fp32, bf16, int8 and nf4 loads of the small bench model, their
+    bytes (the quantized ones really smaller), decode steps and one linear layer timed side by side."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.quantized", "--quick", "--out", str(tmp_path), "--threads", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = (tmp_path / "quantized.md").read_text()
+    assert proc.stdout.strip() == table.strip()
+    data = json.loads((tmp_path / "quantized.json").read_text())
+    sizes = {name: b["quantized"] + b["full"] for name, b in data["bytes"].items()}
+    assert sizes["nf4"] < sizes["int8"] < sizes["bf16"] < sizes["fp32"]
+    assert data["bytes"]["bf16"]["quantized"] == 0 and data["bytes"]["nf4"]["quantized"] > 0
+    for key in ("B1", "B8"):
+        assert set(data["decode"][key]) == {"fp32", "bf16", "int8", "nf4"}
+        assert all(row["median_ms"] > 0 for row in data["decode"][key].values())
+    assert {"T1", "T8"} <= set(data["large"])
+    assert data["budget"]["llama7b_computed"]["adapters"]["nf4"] > 0
+
+
 def _gpu_check(device: str, out: Path) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "bench.gpu_check", "--device", device, "--quick", "--out", str(out)]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -39,6 +39,10 @@ class EngineConfig:
     # besides the output head.
     quantization: str = "none"
     quantization_skip: tuple[str, ...] = ()
+    # The dtype LoRA weights are kept and their deltas computed in: "auto" is float32 over a quantized base
+    # (as PEFT keeps them) and the model's dtype otherwise; bfloat16 / float16 over a quantized base halve
+    # each adapter's bytes, at bf16 rounding of the delta.
+    lora_dtype: str = "auto"
     max_adapters: int = 64
     limits: SamplingLimits = SamplingLimits()
     num_threads: int = 0
@@ -73,7 +77,7 @@ class EngineConfig:
         """Build from string parameters; `env` (default os.environ) overrides the two paths.
 
         Keys: base_model, adapter_dir, merged_model, dtype, quantization (none, nf4, int8),
-        quantization_skip (layer names), max_adapters, default_max_tokens,
+        quantization_skip (layer names), lora_dtype, max_adapters, default_max_tokens,
         max_tokens_cap, num_threads, max_adapter_bytes, batching, max_batch_rows, max_kv_tokens,
         prefill_chunk, max_waiting_requests, queue_timeout_ms, metrics_adapter_series, adapter_device_bytes,
         adapter_host_bytes
@@ -90,6 +94,7 @@ class EngineConfig:
             "dtype",
             "quantization",
             "quantization_skip",
+            "lora_dtype",
             "max_adapters",
             "default_max_tokens",
             "max_tokens_cap",
@@ -142,6 +147,9 @@ class EngineConfig:
                 " into their dequantized copy would hold a full-precision model; serve adapters over a"
                 " quantized base through the bank"
             )
+        lora_dtype = params.get("lora_dtype", "auto") or "auto"
+        if lora_dtype != "auto" and lora_dtype not in DTYPES:
+            problems.append(f"lora_dtype must be auto or one of {sorted(DTYPES)}, got {lora_dtype!r}")
         skip = tuple(name.strip() for name in params.get("quantization_skip", "").split(",") if name.strip())
         batching = params.get("batching", "continuous") or "continuous"
         if batching not in BATCHING:
@@ -199,6 +207,7 @@ class EngineConfig:
             dtype=dtype,
             quantization=quantization,
             quantization_skip=skip,
+            lora_dtype=lora_dtype,
             max_adapters=integer("max_adapters", 64, 1),
             limits=limits,
             num_threads=integer("num_threads", 0, 0),

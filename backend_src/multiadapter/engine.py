@@ -27,7 +27,7 @@ from .adapter_store import Adapter, AdapterStore
 from .bank import BASE_ENTRY, BASE_SLOT, AdapterBank, BankEntry
 from .base_model import ModuleInfo, bottleneck_layout, context_window, describe_modules, load_base_model
 from .bottleneck_loading import load_bottleneck_adapter
-from .config import EngineConfig
+from .config import DTYPES, EngineConfig
 from .errors import InvalidRequest, RequestError, Unavailable
 from .generation import Batch, RowRequest, forward_logits, generate_rows, left_pad
 from .loop import EngineLoop, SequenceListener, TorchThread
@@ -141,9 +141,13 @@ class Engine:
         self.device = device
         self.dtype = next(model.parameters()).dtype
         self.quantized = quantized or QuantizedBase(NONE, self.dtype, (), {})
-        # Over a quantized base LoRA weights stay in float32 and deltas are computed in it (as PEFT does);
-        # `adapter_version` names the base's quantization (+nf4, +int8), the bare base's included.
-        self.lora_dtype = DELTA_DTYPE if self.quantized.method != NONE else self.dtype
+        # Over a quantized base LoRA weights stay in float32 and deltas are computed in it (as PEFT does)
+        # unless config.lora_dtype says otherwise; `adapter_version` names the base's quantization (+nf4,
+        # +int8), the bare base's included.
+        if config.lora_dtype != "auto":
+            self.lora_dtype = DTYPES[config.lora_dtype]
+        else:
+            self.lora_dtype = DELTA_DTYPE if self.quantized.method != NONE else self.dtype
         self.version_tag = version_tag(self.quantized.method)
         self.modules: dict[str, ModuleInfo] = describe_modules(model)
         self.bottleneck_layout = bottleneck_layout(model)
