@@ -49,6 +49,11 @@ CONCURRENCY = 16
 GOAL_THROUGHPUT_N8 = 2.0
 GOAL_MEMORY_N8 = 0.25
 GOAL_SINGLE = 0.85
+# Issue 14: our server over a naive one running PEFT one request at a time in a Triton Python model
+# (bench/naive_repository; S-LoRA reports 30x over PEFT on a GPU). Goal 5x, stretch 10x.
+NAIVE_MODEL = "naive_peft"
+NAIVE_REPOSITORY = PROJECT_ROOT / "bench" / "naive_repository"
+GOAL_NAIVE = 5.0
 
 
 @dataclass
@@ -75,9 +80,10 @@ class Measurement:
     requests_per_round: int
     rounds: int
     dynamic: PathRun
-    merged: PathRun
+    merged: PathRun  # the other path: the merged variants, or the naive PEFT server (`against`)
     round_ratios: list[float]
     agreeing: int
+    against: str = "merged"
 
     @property
     def throughput_ratio(self) -> float:
@@ -135,14 +141,19 @@ def measure(
     rounds: int,
     max_tokens: int,
     concurrency: int = CONCURRENCY,
+    against: str = "merged",
 ) -> Measurement:
-    """Request i uses adapter i mod N: through `generate`, then through `generate_merged_<id>`, in rounds
-    whose order alternates (dynamic first in even rounds). One warm-up round per path is not counted."""
+    """Request i uses adapter i mod N: through `generate`, then through `generate_merged_<id>` (or, against
+    "naive", through the naive PEFT model), in rounds whose order alternates (dynamic first in even rounds).
+    One warm-up round per path is not counted."""
     requests = [
         GenerateRequest(p, adapters[i % len(adapters)], max_tokens=max_tokens) for i, p in enumerate(prompts)
     ]
     dynamic_work = [("generate", r) for r in requests]
-    merged_work = [(f"generate_merged_{r.adapter_id}", r) for r in requests]
+    if against == "merged":
+        merged_work = [(f"generate_merged_{r.adapter_id}", r) for r in requests]
+    else:
+        merged_work = [(NAIVE_MODEL, r) for r in requests]
     fire(url, dynamic_work, concurrency)
     fire(url, merged_work, concurrency)
     dynamic, merged, ratios = PathRun(), PathRun(), []
@@ -159,7 +170,7 @@ def measure(
         ratios.append(walls[id(merged)] / walls[id(dynamic)] if walls[id(dynamic)] > 0 else math.nan)
     agreeing = sum(a is not None and a == b for a, b in zip(dynamic.texts, merged.texts, strict=True))
     return Measurement(
-        scenario, traffic, tuple(adapters), len(prompts), rounds, dynamic, merged, ratios, agreeing
+        scenario, traffic, tuple(adapters), len(prompts), rounds, dynamic, merged, ratios, agreeing, against
     )
 
 
@@ -233,13 +244,13 @@ def run_scenario(
     variants = build_variants(
         adapters, base_model=base_model, adapter_dir=adapter_dir, out=work_dir / "merged", num_threads=1
     )
-    log(f"{name}: starting tritonserver (bank + {len(variants)} merged variants)")
+    log(f"{name}: starting tritonserver (bank + {len(variants)} merged variants + naive PEFT)")
     started = time.perf_counter()
     server = start_server(
         single_threaded_repository(work_dir / "model_repository"),
         base_model,
         adapter_dir,
-        extra_repositories=[v.repository for v in variants],
+        extra_repositories=[*(v.repository for v in variants), NAIVE_REPOSITORY],
         log_path=work_dir / f"tritonserver-{name}.log",
         ready_timeout_s=900,
         base_env={**os.environ, "MULTIADAPTER_BACKEND_SRC": str(PROJECT_ROOT / "backend_src")},
@@ -253,6 +264,19 @@ def run_scenario(
             measurements.append(
                 measure(server.grpc_url, name, traffic, chosen, prompts, rounds=rounds, max_tokens=max_tokens)
             )
+        log(f"{name}: uniform traffic, the bank against the naive PEFT server, {rounds} rounds of {requests}")
+        measurements.append(
+            measure(
+                server.grpc_url,
+                name,
+                "uniform",
+                tuple(adapters),
+                prompts,
+                rounds=rounds,
+                max_tokens=max_tokens,
+                against="naive",
+            )
+        )
         memory = resident_memory(adapters, server.pid)
     finally:
         server.stop()
@@ -278,6 +302,8 @@ def to_markdown(scenarios: Sequence[Scenario], machine: dict[str, object]) -> st
     for scenario in scenarios:
         n = len(scenario.adapters)
         for m in scenario.measurements:
+            if m.against != "merged":
+                continue
             goal, met = "—", None
             if m.traffic == "uniform" and n == 8:
                 goal, met = f">= {GOAL_THROUGHPUT_N8:.1f}", m.throughput_ratio >= GOAL_THROUGHPUT_N8
@@ -288,6 +314,27 @@ def to_markdown(scenarios: Sequence[Scenario], machine: dict[str, object]) -> st
                 f"| {scenario.model} | {m.traffic} | {len(m.adapters)} | {m.dynamic.throughput:.2f} | "
                 f"{m.merged.throughput:.2f} | **{m.throughput_ratio:.2f}** | {spread} | {goal} | "
                 f"{'—' if met is None else ('yes' if met else '**no**')} |"
+            )
+    lines += [
+        "",
+        "Against a naive server: PEFT in a Triton Python model (bench/naive_repository), every adapter "
+        "loaded in one PeftModel, each request alone (`set_adapter`, greedy `generate`), one torch thread "
+        "like the bank.",
+        "",
+        "| model | traffic | N | bank req/s | naive PEFT req/s | bank / naive | per-round ratios | goal "
+        "| met |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for scenario in scenarios:
+        for m in scenario.measurements:
+            if m.against != "naive":
+                continue
+            met = m.throughput_ratio >= GOAL_NAIVE
+            spread = ", ".join(f"{r:.2f}" for r in m.round_ratios)
+            lines.append(
+                f"| {scenario.model} | {m.traffic} | {len(m.adapters)} | {m.dynamic.throughput:.2f} | "
+                f"{m.merged.throughput:.2f} | **{m.throughput_ratio:.2f}** | {spread} | >= {GOAL_NAIVE:.0f} "
+                f"(S-LoRA: 30 on a GPU) | {'yes' if met else '**no**'} |"
             )
     lines += [
         "",
@@ -306,8 +353,9 @@ def to_markdown(scenarios: Sequence[Scenario], machine: dict[str, object]) -> st
     for scenario in scenarios:
         for m in scenario.measurements:
             lines.append(
-                f"- {scenario.model}, {m.traffic}: identical answers {m.agreeing} / {m.requests_per_round}; "
-                f"failed requests: dynamic {m.dynamic.failed}, merged {m.merged.failed}; "
+                f"- {scenario.model}, {m.traffic} against {m.against}: identical answers {m.agreeing} / "
+                f"{m.requests_per_round}; failed requests: dynamic {m.dynamic.failed}, {m.against} "
+                f"{m.merged.failed}; "
                 f"server ready in {scenario.startup_s:.0f} s"
             )
     return "\n".join(lines) + "\n"
@@ -375,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "measurements": [
                     {
                         "traffic": m.traffic,
+                        "against": m.against,
                         "adapters": m.adapters,
                         "throughput_ratio": m.throughput_ratio,
                         "round_ratios": m.round_ratios,

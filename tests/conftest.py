@@ -119,13 +119,16 @@ def demo_merged_variants(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_server(tmp_path_factory, demo_merged_variants):
-    """One real tritonserver on the committed demo model: `generate` with every demo adapter, and
-    `generate_merged_<id>` for each LoRA one."""
+    """One real tritonserver on the committed demo model: `generate` with every demo adapter,
+    `generate_merged_<id>` for each LoRA one, and the serving bench's naive PEFT model
+    (bench/naive_repository)."""
+    from bench.serving import NAIVE_REPOSITORY
+
     yield from _serve(
         tmp_path_factory.mktemp("triton-demo"),
         DEMO / "base",
         DEMO / "adapters",
-        [variant.repository for variant in demo_merged_variants],
+        [*(variant.repository for variant in demo_merged_variants), NAIVE_REPOSITORY],
     )
 
 

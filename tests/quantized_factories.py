@@ -55,9 +55,9 @@ def bnb_config(method: str) -> BitsAndBytesConfig:
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
 
 
-def load_quantized(base_dir: Path, method: str) -> torch.nn.Module:
+def load_quantized(base_dir: Path, method: str, device: str = "cpu") -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(
-        base_dir, quantization_config=bnb_config(method), device_map={"": "cpu"}, dtype=torch.bfloat16
+        base_dir, quantization_config=bnb_config(method), device_map={"": device}, dtype=torch.bfloat16
     )
 
 
@@ -143,9 +143,9 @@ def build_quantized_family(root: Path, method: str) -> QuantizedFamily:
     return QuantizedFamily(method, base_dir, root / f"adapters_{method}", ids)
 
 
-def peft_over_quantized(family: QuantizedFamily) -> PeftModel:
+def peft_over_quantized(family: QuantizedFamily, device: str = "cpu") -> PeftModel:
     """PEFT over the same quantized load with every adapter of the family (eval; adapter_names batches)."""
-    base = load_quantized(family.base_dir, family.method)
+    base = load_quantized(family.base_dir, family.method, device)
     first, *rest = family.adapter_ids
     model = PeftModel.from_pretrained(base, family.adapter_dir / first, adapter_name=first)
     for adapter_id in rest:

@@ -154,5 +154,19 @@ def test_serving_bench_measures_both_paths_on_a_live_server(demo_server):
     assert len(uniform.round_ratios) == 2 and uniform.throughput_ratio > 0
     memory = resident_memory(DEMO_MERGED, demo_server.pid)
     assert memory.bank is not None and set(memory.merged) == set(DEMO_MERGED) and memory.ratio > 0
-    markdown = to_markdown([Scenario("demo", "demo", DEMO_MERGED, memory, [uniform], 1.0)], {})
+    naive = measure(
+        demo_server.grpc_url,
+        "demo",
+        "uniform",
+        DEMO_MERGED,
+        prompts,
+        rounds=1,
+        max_tokens=12,
+        against="naive",
+    )
+    # The naive PEFT server answers every request, exactly as the bank does (greedy, fp32, the same weights).
+    assert (naive.dynamic.answered, naive.merged.answered) == (12, 12) and naive.merged.failed == 0
+    assert naive.agreeing == len(prompts) and naive.throughput_ratio > 0
+    markdown = to_markdown([Scenario("demo", "demo", DEMO_MERGED, memory, [uniform, naive], 1.0)], {})
     assert "| demo | uniform | 3 |" in markdown and "| demo | 3 |" in markdown
+    assert "naive PEFT req/s" in markdown and markdown.count("| demo | uniform | 3 |") == 2

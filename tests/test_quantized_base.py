@@ -87,17 +87,17 @@ def prompts():
     return random_prompts(PROMPTS_PER_ADAPTER, seed=13)
 
 
-def peft_logits(reference, batch, adapter_ids):
+def peft_logits(reference, batch, adapter_ids, device="cpu"):
     with torch.no_grad():
         return reference(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            position_ids=batch.position_ids.to(device),
             adapter_names=[a or "__base__" for a in adapter_ids],
         ).logits.to(torch.float32)
 
 
-def peft_uncached_greedy(reference, prompts, adapter_id, max_tokens):
+def peft_uncached_greedy(reference, prompts, adapter_id, max_tokens, device="cpu"):
     """Greedy answers by PEFT's full forward of the whole sequence for every token (no KV cache), prompts of
     one length batched together (no padding)."""
     answers: dict[int, list[int]] = {}
@@ -105,7 +105,7 @@ def peft_uncached_greedy(reference, prompts, adapter_id, max_tokens):
     for i, prompt in enumerate(prompts):
         by_length[len(prompt)].append(i)
     for indices in by_length.values():
-        ids = torch.tensor([prompts[i] for i in indices])
+        ids = torch.tensor([prompts[i] for i in indices], device=device)
         done = torch.zeros(len(indices), dtype=torch.bool)
         outputs = [[] for _ in indices]
         for _ in range(max_tokens):
@@ -411,3 +411,40 @@ def test_bf16_lora_weights_over_nf4_halve_the_adapter_bytes_and_stay_close_to_pe
         truth.update(zip(rows, answers, strict=True))
     agreed = sum(o.output_ids == truth[i] for i, o in enumerate(outcomes))
     assert agreed / len(prompts) >= BF16_LORA_AGREEMENT, agreed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)")
+def test_on_cuda_the_quantized_base_answers_like_peft_over_the_same_load(family, prompts):
+    """The same checks on CUDA (bitsandbytes' GPU kernels): mixed-batch logits against PEFT over the same
+    quantized load on the GPU, greedy answers against its uncached forward, the weights packed on the GPU."""
+    device = "cuda"
+    engine = Engine.load(
+        EngineConfig(
+            base_model=family.base_dir,
+            adapter_dir=family.adapter_dir,
+            quantization=family.method,
+            queue_timeout_ms=0,
+        ),
+        device,
+    )
+    quantized = [m for m in engine.model.modules() if is_quantized(m)]
+    assert quantized and all(m.weight.device.type == "cuda" for m in quantized)
+    reference = peft_over_quantized(family, device)
+    cycle = [*family.adapter_ids, ""]
+    ids = [cycle[i % len(cycle)] for i in range(len(prompts))]
+    ours, batch = engine.logits(prompts, ids)
+    theirs = peft_logits(reference, batch, ids, device)
+    real = batch.attention_mask.bool().to(device)
+    error = (ours.to(torch.float32)[real] - theirs[real]).abs().max().item()
+    assert error <= LOGIT_TOL, error
+    outcomes = engine.generate(
+        [GenerationRequest(p, a, max_tokens=MAX_TOKENS) for p, a in zip(prompts, ids, strict=True)]
+    )
+    truth = {}
+    for adapter_id in cycle:
+        rows = [i for i, a in enumerate(ids) if a == adapter_id]
+        answers = peft_uncached_greedy(reference, [prompts[i] for i in rows], adapter_id, MAX_TOKENS, device)
+        truth.update(zip(rows, answers, strict=True))
+    agreed = sum(o.output_ids == truth[i] for i, o in enumerate(outcomes))
+    assert agreed / len(prompts) >= GREEDY_AGREEMENT, agreed
