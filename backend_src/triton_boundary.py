@@ -6,6 +6,7 @@ error codes, reads request tensors into Python values with shape checks, and bui
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -199,7 +200,11 @@ class ServingMetrics:
 
     FLUSH_INTERVAL_S = 0.25
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, run_on: Callable[[Callable[[], None]], None] | None = None):
+        """run_on: where the updates (each a round trip to the Triton process) are sent from, e.g. the
+        responder's queue, so that the engine loop's thread never waits on one and one thread does all of
+        this model's metric traffic; None sends them from the calling thread."""
+        self._run_on = run_on
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         batches = pb_utils.MetricFamily(
             name="multiadapter_batches_total",
@@ -268,13 +273,19 @@ class ServingMetrics:
         kind = exc.kind if isinstance(exc, RequestError) else ErrorKind.INTERNAL
         self._safely(self._errors[kind].increment, 1)
 
-    @staticmethod
-    def _safely(update, value: float) -> None:
-        # Metrics never fail a request.
-        try:
-            update(value)
-        except Exception:  # noqa: BLE001
-            logging.getLogger(__name__).exception("could not update a metric")
+    def _safely(self, update, value: float) -> None:
+        if self._run_on is None:
+            _apply_metric(update, value)
+        else:
+            self._run_on(functools.partial(_apply_metric, update, value))
+
+
+def _apply_metric(update, value: float) -> None:
+    # Metrics never fail a request.
+    try:
+        update(value)
+    except Exception:  # noqa: BLE001
+        logging.getLogger(__name__).exception("could not update a metric")
 
 
 def outcome_of(error: Exception | None) -> str:

@@ -230,8 +230,9 @@ class TritonPythonModel:
         # All torch work (the load, then every step) on one thread; see TorchThread.
         self.torch_thread = TorchThread("engine")
         self.engine = self.torch_thread.call(lambda: load_engine(config, instance_device(args)))
-        self.metrics = ServingMetrics(args["model_name"])
         self.responder = Responder()
+        # Every metric update of this model goes out from the responder's thread, never the loop's.
+        self.metrics = ServingMetrics(args["model_name"], run_on=self.responder.put)
         self.adapter_metrics = AdapterMetrics(
             args["model_name"],
             AdapterLabels(config.metrics_adapter_series),

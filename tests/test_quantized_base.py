@@ -448,3 +448,21 @@ def test_on_cuda_the_quantized_base_answers_like_peft_over_the_same_load(family,
         truth.update(zip(rows, answers, strict=True))
     agreed = sum(o.output_ids == truth[i] for i, o in enumerate(outcomes))
     assert agreed / len(prompts) >= GREEDY_AGREEMENT, agreed
+
+
+def test_a_kernel_the_device_cannot_run_fails_the_load_not_the_first_request(family, monkeypatch):
+    """Stands in for a bitsandbytes build without this device's kernels (no GPU here): the load's one-token
+    check forward fails, and the load says which setting on which device, with the kernel's error."""
+    import bitsandbytes
+
+    if family.method != "nf4":
+        pytest.skip("one method is enough")
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(bitsandbytes, "matmul_4bit", no_kernel)
+    with pytest.raises(ConfigError, match="nf4 cannot run on cpu: RuntimeError: no kernel image"):
+        Engine.load(
+            EngineConfig(base_model=family.base_dir, adapter_dir=family.adapter_dir, quantization="nf4")
+        )

@@ -181,7 +181,22 @@ def load_quantized(
         raise ConfigError("quantization", [f"{method} did not quantize the layers planned: {missing}"])
     if method == INT8:
         _quiet_int8_casts()
+    _check_kernels(model, method, device)
     return model, QuantizedBase(method, dtype, tuple(quantized), kept)
+
+
+def _check_kernels(model: nn.Module, method: str, device: torch.device) -> None:
+    """One forward of one token at load: a kernel the device cannot run (a bitsandbytes build without this
+    CUDA's library, a CPU path that rejects a shape) fails the load with the setting named, not the first
+    request. On AVX512-BF16 CPUs this is also when bitsandbytes repacks the NF4 weights."""
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    except Exception as exc:
+        raise ConfigError(
+            "quantization", [f"{method} cannot run on {device}: {type(exc).__name__}: {exc}"]
+        ) from exc
 
 
 class _DropInt8Casts(logging.Filter):
@@ -216,7 +231,10 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
             extra = 0
             if state is not None:  # NF4: absmax (itself quantized with double quantization) and code
                 extra = sum(t.numel() * t.element_size() for t in _state_tensors(state))
-            scb = getattr(weight, "SCB", None)  # int8: per-row scales
+            # int8: per-row scales, on the weight until the first forward moves them to the layer's state.
+            scb = getattr(weight, "SCB", None)
+            if scb is None:
+                scb = getattr(getattr(module, "state", None), "SCB", None)
             if isinstance(scb, torch.Tensor):
                 extra += scb.numel() * scb.element_size()
             totals["quantized"] += weight.numel() * weight.element_size() + extra
