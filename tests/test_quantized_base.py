@@ -466,3 +466,40 @@ def test_a_kernel_the_device_cannot_run_fails_the_load_not_the_first_request(fam
         Engine.load(
             EngineConfig(base_model=family.base_dir, adapter_dir=family.adapter_dir, quantization="nf4")
         )
+
+
+def test_gpt2_conv1d_layers_quantize_and_serve_fan_in_fan_out_adapters(family, tmp_path):
+    """GPT-2's Conv1D layers become Linear4bit; a PEFT adapter saved with fan_in_fan_out over that load is
+    served like PEFT serves it, and really changes the answer."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.quantized_factories import load_quantized
+
+    if family.method != "nf4":
+        pytest.skip("one method is enough")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=260, n_embd=128, n_layer=2, n_head=4, n_positions=128, eos_token_id=2)
+    GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    spec = LoraConfig(
+        r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False
+    )
+    made = get_peft_model(load_quantized(tmp_path / "base", "nf4"), spec)
+    made.save_pretrained(tmp_path / "adapters" / "gpt2_lora")
+    engine = Engine.load(
+        EngineConfig(base_model=tmp_path / "base", adapter_dir=tmp_path / "adapters", quantization="nf4")
+    )
+    assert engine.refused == {} and engine.quantized.kept == {"lm_head": "the output head"}
+    reference = PeftModel.from_pretrained(
+        load_quantized(tmp_path / "base", "nf4"),
+        tmp_path / "adapters" / "gpt2_lora",
+        adapter_name="gpt2_lora",
+    ).eval()
+    ids = ["gpt2_lora", "", "gpt2_lora"]
+    ours, batch = engine.logits(random_prompts(3, seed=8), ids)
+    theirs = peft_logits(reference, batch, ids)
+    real = batch.attention_mask.bool()
+    assert (ours.to(torch.float32)[real] - theirs[real]).abs().max() <= LOGIT_TOL
+    with torch.no_grad():
+        bare = peft_logits(reference, batch, [""] * 3)
+    assert (theirs[0] - bare[0])[real[0]].abs().max() > 0.1  # the adapter acts
