@@ -20,6 +20,7 @@ SERVING_BENCH_ARGS ?=
 CONTINUOUS_BENCH_ARGS ?=
 CACHE_BENCH_ARGS ?=
 QUANTIZED_BENCH_ARGS ?=
+SERVED_PATH_BENCH_ARGS ?=
 # Load test (python -m loadtest; traffic options in LOADTEST_ARGS, e.g. LOADTEST_ARGS='--popularity zipf:1.2').
 HOST ?= 127.0.0.1
 USERS ?= 16
@@ -97,6 +98,7 @@ bench: $(VENV_STAMP)
 	$(VENV_PY) -m bench.continuous $(CONTINUOUS_BENCH_ARGS)
 	$(VENV_PY) -m bench.adapter_cache $(CACHE_BENCH_ARGS)
 	$(VENV_PY) -m bench.quantized $(QUANTIZED_BENCH_ARGS)
+	$(VENV_PY) -m bench.served_path $(SERVED_PATH_BENCH_ARGS)
 
 # Locust against a running server (HOST, HTTP_PORT, GRPC_PORT); every answer checked; reports in build/loadtest/.
 loadtest: $(VENV_STAMP)

@@ -170,3 +170,24 @@ def test_serving_bench_measures_both_paths_on_a_live_server(demo_server):
     markdown = to_markdown([Scenario("demo", "demo", DEMO_MERGED, memory, [uniform, naive], 1.0)], {})
     assert "| demo | uniform | 3 |" in markdown and "| demo | 3 |" in markdown
     assert "naive PEFT req/s" in markdown and markdown.count("| demo | uniform | 3 |") == 2
+
+
+def test_served_path_bench_measures_every_path_with_identical_answers(demo_server):
+    """The measurement behind `python -m bench.served_path`, small, on the session's demo server: the four
+    paths (in-process batched and threaded, served generate and generate_stream) answer identically."""
+    from multiadapter.config import EngineConfig
+    from multiadapter.engine import Engine
+    from multiadapter.tokenization import TextCodec
+
+    from bench.served_path import PATHS, measure, to_markdown
+    from tests.conftest import DEMO
+
+    engine = Engine.load(EngineConfig(base_model=DEMO / "base", adapter_dir=DEMO / "adapters"))
+    engine.start_loop()
+    try:
+        report = measure(demo_server.grpc_url, engine, TextCodec.load(DEMO / "base"), random_prompts(8, 5), 1)
+    finally:
+        engine.stop_loop()
+    assert report.identical == {path: 8 for path in PATHS[1:]}
+    assert all(len(report.ratios[path]) == 1 and report.ratios[path][0] > 0 for path in PATHS)
+    assert "| served generate |" in to_markdown(report)
