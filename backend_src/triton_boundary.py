@@ -201,9 +201,10 @@ class ServingMetrics:
     FLUSH_INTERVAL_S = 0.25
 
     def __init__(self, model_name: str, run_on: Callable[[Callable[[], None]], None] | None = None):
-        """run_on: where the updates (each a round trip to the Triton process) are sent from, e.g. the
-        responder's queue, so that the engine loop's thread never waits on one and one thread does all of
-        this model's metric traffic; None sends them from the calling thread."""
+        """run_on: where the engine loop's step updates (each a round trip to the Triton process) are sent
+        from, e.g. the responder's queue, so that the loop's thread never waits on one; None sends them from
+        the loop's thread. Errors and request-level batches are counted at once on the calling thread
+        (execute() or the responder), before the response that carries them is sent."""
         self._run_on = run_on
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         batches = pb_utils.MetricFamily(
@@ -246,8 +247,8 @@ class ServingMetrics:
     def record_batch(self, rows: int, adapters: int) -> None:
         """A batch of `rows` rows over `adapters` distinct adapters (the base counts as one)."""
         if rows:
-            self._safely(self._batches["mixed" if adapters > 1 else "uniform"].increment, 1)
-            self._safely(self._rows.increment, rows)
+            _apply_metric(self._batches["mixed" if adapters > 1 else "uniform"].increment, 1)
+            _apply_metric(self._rows.increment, rows)
 
     def record_step(self, result: StepResult, waiting: int, running: int) -> None:
         """One step of the engine loop, and how many requests it holds afterwards."""
@@ -271,7 +272,7 @@ class ServingMetrics:
 
     def record_error(self, exc: Exception) -> None:
         kind = exc.kind if isinstance(exc, RequestError) else ErrorKind.INTERNAL
-        self._safely(self._errors[kind].increment, 1)
+        _apply_metric(self._errors[kind].increment, 1)
 
     def _safely(self, update, value: float) -> None:
         if self._run_on is None:

@@ -231,7 +231,7 @@ class TritonPythonModel:
         self.torch_thread = TorchThread("engine")
         self.engine = self.torch_thread.call(lambda: load_engine(config, instance_device(args)))
         self.responder = Responder()
-        # Every metric update of this model goes out from the responder's thread, never the loop's.
+        # The loop's step metrics go out from the responder's thread, never the loop's.
         self.metrics = ServingMetrics(args["model_name"], run_on=self.responder.put)
         self.adapter_metrics = AdapterMetrics(
             args["model_name"],

@@ -60,9 +60,11 @@ class Measures:
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Every parameter and buffer of `model` as stored (packed weights at their packed size)."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Every parameter and buffer of `model` as stored: linear weights as `weight_bytes` counts them (packed
+    weights with their quantization statistics), everything else at its size."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in linear}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + sum(weight_bytes(model).values())
 
 
 def lora_bytes(engine: Engine, adapter_id: str) -> int:

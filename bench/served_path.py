@@ -76,7 +76,7 @@ def run_threads(count: int, items: Sequence, one: Callable[[int], object]) -> tu
 
 def measure(grpc_url: str, engine, codec, texts: Sequence[str], rounds: int) -> Report:
     """The four paths over `texts` (request i on adapter i mod 3), `rounds` rounds after one warm-up."""
-    from multiadapter.engine import GenerationRequest
+    from multiadapter.engine import GenerationRequest, GenerationResult
 
     from bench.machine import machine_info
     from bench.serving import fire
@@ -88,16 +88,17 @@ def measure(grpc_url: str, engine, codec, texts: Sequence[str], rounds: int) -> 
         GenerationRequest(codec.encode(r.text.encode()), r.adapter_id, max_tokens=MAX_TOKENS) for r in served
     ]
 
-    def batched() -> tuple[list[str], float]:
+    def text(outcome) -> str | None:  # a RequestError counts as a failed request, as a served one does
+        return codec.decode(outcome.output_ids) if isinstance(outcome, GenerationResult) else None
+
+    def batched() -> tuple[list[str | None], float]:
         start, answers = time.perf_counter(), []
         for k in range(0, len(local), CONCURRENCY):
-            answers += [codec.decode(o.output_ids) for o in engine.generate(local[k : k + CONCURRENCY])]
+            answers += [text(o) for o in engine.generate(local[k : k + CONCURRENCY])]
         return answers, time.perf_counter() - start
 
-    def threads() -> tuple[list[str], float]:
-        return run_threads(
-            CONCURRENCY, local, lambda i: codec.decode(engine.generate([local[i]])[0].output_ids)
-        )
+    def threads() -> tuple[list[str | None], float]:
+        return run_threads(CONCURRENCY, local, lambda i: text(engine.generate([local[i]])[0]))
 
     def front() -> tuple[list[str | None], float]:
         return fire(grpc_url, [("generate", r) for r in served], CONCURRENCY)

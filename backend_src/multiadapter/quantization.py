@@ -49,7 +49,10 @@ class QuantizedBase:
     def describe(self) -> str:
         if self.method == NONE:
             return "not quantized"
-        version = metadata.version("bitsandbytes")
+        try:
+            version = metadata.version("bitsandbytes")
+        except metadata.PackageNotFoundError:  # importable without its metadata (a source checkout)
+            version = "unknown version"
         kept = ", ".join(f"{name} ({why})" for name, why in sorted(self.kept.items())) or "none"
         return (
             f"{self.method} (bitsandbytes {version}, computing in {str(self.compute_dtype).split('.')[-1]}):"
@@ -159,6 +162,8 @@ def load_quantized(
     path, config: PretrainedConfig, method: str, device: torch.device, dtype: torch.dtype, skip: Sequence[str]
 ) -> tuple[nn.Module, QuantizedBase]:
     """Load the checkpoint at `path` with its linear layers quantized by `method` on `device`."""
+    if method not in (NF4, INT8):  # EngineConfig built in code skips from_parameters' check
+        raise ConfigError("quantization", [f"quantization must be {NF4} or {INT8} here, got {method!r}"])
     bitsandbytes = _bitsandbytes(method, device)
     kept, quantized = plan(config, method, device, skip)
     for name, why in sorted(kept.items()):

@@ -33,6 +33,8 @@ class TritonPythonModel:
             for a in adapters
             if json.loads((store / a / "adapter_config.json").read_text()).get("peft_type") == "LORA"
         ]
+        if not adapters:
+            raise pb_utils.TritonModelException(f"naive_peft: no PEFT LoRA adapter in {store}")
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         first, *rest = adapters
         model = PeftModel.from_pretrained(model, store / first, adapter_name=first)
