@@ -206,6 +206,7 @@ class ServingMetrics:
         the loop's thread. Errors and request-level batches are counted at once on the calling thread
         (execute() or the responder), before the response that carries them is sent."""
         self._run_on = run_on
+        self._stopped = False  # set by stop(): updates still queued are dropped
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         batches = pb_utils.MetricFamily(
             name="multiadapter_batches_total",
@@ -274,11 +275,20 @@ class ServingMetrics:
         kind = exc.kind if isinstance(exc, RequestError) else ErrorKind.INTERNAL
         _apply_metric(self._errors[kind].increment, 1)
 
+    def stop(self) -> None:
+        """The model is being unloaded: step updates still queued on `run_on` are dropped, so the responder
+        only answers requests while it drains (no round trips to a server that is shutting down)."""
+        self._stopped = True
+
     def _safely(self, update, value: float) -> None:
         if self._run_on is None:
             _apply_metric(update, value)
         else:
-            self._run_on(functools.partial(_apply_metric, update, value))
+            self._run_on(functools.partial(self._apply_unless_stopped, update, value))
+
+    def _apply_unless_stopped(self, update, value: float) -> None:
+        if not self._stopped:
+            _apply_metric(update, value)
 
 
 def _apply_metric(update, value: float) -> None:

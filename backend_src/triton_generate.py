@@ -379,6 +379,7 @@ class TritonPythonModel:
         # Whatever is still queued or running ends with UNAVAILABLE (answered by the responder, which runs
         # what is queued before it stops): every request gets its one final response.
         self.watch.stop()
+        self.metrics.stop()
         self.engine.stop_loop()
         self.responder.stop()
         self.adapter_metrics.stop()
