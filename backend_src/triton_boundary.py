@@ -6,7 +6,6 @@ error codes, reads request tensors into Python values with shape checks, and bui
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -200,13 +199,7 @@ class ServingMetrics:
 
     FLUSH_INTERVAL_S = 0.25
 
-    def __init__(self, model_name: str, run_on: Callable[[Callable[[], None]], None] | None = None):
-        """run_on: where the engine loop's step updates (each a round trip to the Triton process) are sent
-        from, e.g. the responder's queue, so that the loop's thread never waits on one; None sends them from
-        the loop's thread. Errors and request-level batches are counted at once on the calling thread
-        (execute() or the responder), before the response that carries them is sent."""
-        self._run_on = run_on
-        self._stopped = False  # set by stop(): updates still queued are dropped
+    def __init__(self, model_name: str):
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         batches = pb_utils.MetricFamily(
             name="multiadapter_batches_total",
@@ -248,8 +241,8 @@ class ServingMetrics:
     def record_batch(self, rows: int, adapters: int) -> None:
         """A batch of `rows` rows over `adapters` distinct adapters (the base counts as one)."""
         if rows:
-            _apply_metric(self._batches["mixed" if adapters > 1 else "uniform"].increment, 1)
-            _apply_metric(self._rows.increment, rows)
+            self._safely(self._batches["mixed" if adapters > 1 else "uniform"].increment, 1)
+            self._safely(self._rows.increment, rows)
 
     def record_step(self, result: StepResult, waiting: int, running: int) -> None:
         """One step of the engine loop, and how many requests it holds afterwards."""
@@ -273,30 +266,15 @@ class ServingMetrics:
 
     def record_error(self, exc: Exception) -> None:
         kind = exc.kind if isinstance(exc, RequestError) else ErrorKind.INTERNAL
-        _apply_metric(self._errors[kind].increment, 1)
+        self._safely(self._errors[kind].increment, 1)
 
-    def stop(self) -> None:
-        """The model is being unloaded: step updates still queued on `run_on` are dropped, so the responder
-        only answers requests while it drains (no round trips to a server that is shutting down)."""
-        self._stopped = True
-
-    def _safely(self, update, value: float) -> None:
-        if self._run_on is None:
-            _apply_metric(update, value)
-        else:
-            self._run_on(functools.partial(self._apply_unless_stopped, update, value))
-
-    def _apply_unless_stopped(self, update, value: float) -> None:
-        if not self._stopped:
-            _apply_metric(update, value)
-
-
-def _apply_metric(update, value: float) -> None:
-    # Metrics never fail a request.
-    try:
-        update(value)
-    except Exception:  # noqa: BLE001
-        logging.getLogger(__name__).exception("could not update a metric")
+    @staticmethod
+    def _safely(update, value: float) -> None:
+        # Metrics never fail a request.
+        try:
+            update(value)
+        except Exception:  # noqa: BLE001
+            logging.getLogger(__name__).exception("could not update a metric")
 
 
 def outcome_of(error: Exception | None) -> str:

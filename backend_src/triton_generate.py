@@ -230,9 +230,8 @@ class TritonPythonModel:
         # All torch work (the load, then every step) on one thread; see TorchThread.
         self.torch_thread = TorchThread("engine")
         self.engine = self.torch_thread.call(lambda: load_engine(config, instance_device(args)))
+        self.metrics = ServingMetrics(args["model_name"])
         self.responder = Responder()
-        # The loop's step metrics go out from the responder's thread, never the loop's.
-        self.metrics = ServingMetrics(args["model_name"], run_on=self.responder.put)
         self.adapter_metrics = AdapterMetrics(
             args["model_name"],
             AdapterLabels(config.metrics_adapter_series),
@@ -379,7 +378,6 @@ class TritonPythonModel:
         # Whatever is still queued or running ends with UNAVAILABLE (answered by the responder, which runs
         # what is queued before it stops): every request gets its one final response.
         self.watch.stop()
-        self.metrics.stop()
         self.engine.stop_loop()
         self.responder.stop()
         self.adapter_metrics.stop()
