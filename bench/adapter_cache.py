@@ -21,8 +21,6 @@ off by the bench model's random weights).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,6 +35,7 @@ import torch
 from multiadapter.config import EngineConfig
 from multiadapter.engine import Engine, GenerationRequest
 
+from bench import outputs
 from bench.bound import LoraBound
 from bench.fixture import BENCH_SPEC, QUICK_SPEC, build_fixture
 from bench.machine import machine_info, usable_cores
@@ -289,20 +288,14 @@ def report(m: Measures) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.adapter_cache", description=__doc__.splitlines()[0]
+    parser = outputs.parser(
+        "python -m bench.adapter_cache", __doc__, "a small store and few requests (a smoke run)"
     )
-    parser.add_argument("--quick", action="store_true", help="a small store and few requests (a smoke run)")
-    parser.add_argument("--out", type=Path, default=Path("build/bench"), help="directory (build/bench)")
     parser.add_argument("--threads", type=int, default=usable_cores(), help="torch threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     measures = run(args.quick, args.out)
-    text = report(measures)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adapter_cache.md").write_text(text + "\n")
-    (args.out / "adapter_cache.json").write_text(json.dumps(asdict(measures), indent=2) + "\n")
-    print(text)
+    outputs.write(args.out, "adapter_cache", report(measures), asdict(measures))
     return 0
 
 

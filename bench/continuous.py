@@ -21,8 +21,6 @@ and <out>/continuous.md, <out>/continuous.json. ``--quick`` runs few requests (a
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import shutil
@@ -33,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench import outputs
 from bench.fixture import ModelSpec
 from bench.machine import machine_info
 from client.api import GenerateRequest, RequestFailed
@@ -260,9 +259,7 @@ def to_markdown(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.continuous", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few requests, one round (a smoke run)")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "build" / "bench", help="output directory")
+    parser = outputs.parser("python -m bench.continuous", __doc__, "few requests, one round (a smoke run)")
     parser.add_argument("--requests", type=int, default=96, help="requests per round (96)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per engine (3)")
     args = parser.parse_args(argv)
@@ -297,14 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.stop()
     machine = machine_info()
     markdown = to_markdown(runs, agreement(runs, n), machine, rounds, spec)
-    (args.out / "continuous.md").write_text(markdown)
     summary = {
         "machine": machine,
         "runs": {m: {**asdict(r), "throughput": r.throughput} for m, r in runs.items()},
         "ok": all(not o.error for r in runs.values() for o in r.outcomes),
     }
-    (args.out / "continuous.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(markdown, end="")
+    outputs.write(args.out, "continuous", markdown, summary)
     return 0 if summary["ok"] else 1
 
 

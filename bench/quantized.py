@@ -17,8 +17,6 @@ by side in one run (``python -m bench.quantized``, part of ``make bench``).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -31,6 +29,7 @@ from multiadapter.config import EngineConfig
 from multiadapter.engine import Engine
 from multiadapter.quantization import weight_bytes
 
+from bench import outputs
 from bench.fixture import BENCH_SPEC, QUICK_SPEC, build_fixture
 from bench.machine import machine_info, usable_cores
 from bench.timing import Budget, Progress, Workload, interleave, paired_ratio
@@ -268,18 +267,14 @@ def report(m: Measures) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.quantized", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the small model and few rounds (a smoke run)")
-    parser.add_argument("--out", type=Path, default=Path("build/bench"), help="directory (build/bench)")
+    parser = outputs.parser(
+        "python -m bench.quantized", __doc__, "the small model and few rounds (a smoke run)"
+    )
     parser.add_argument("--threads", type=int, default=usable_cores(), help="torch threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     measures = run(args.quick, args.out)
-    text = report(measures)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantized.md").write_text(text + "\n")
-    (args.out / "quantized.json").write_text(json.dumps(asdict(measures), indent=2) + "\n")
-    print(text)
+    outputs.write(args.out, "quantized", report(measures), asdict(measures))
     return 0
 
 

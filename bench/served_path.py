@@ -17,16 +17,14 @@ over the in-process batched path's, within each round.
 
 from __future__ import annotations
 
-import argparse
-import json
-import queue
 import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from bench import outputs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO = PROJECT_ROOT / "models" / "demo"
@@ -50,36 +48,13 @@ class Report:
         return statistics.median(self.ratios[path])
 
 
-def run_threads(count: int, items: Sequence, one: Callable[[int], object]) -> tuple[list, float]:
-    """`one(i)` for every item index with `count` threads in flight; (results in order, wall seconds)."""
-    pending: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for index in range(len(items)):
-        pending.put(index)
-    results: list = [None] * len(items)
-
-    def worker() -> None:
-        while True:
-            try:
-                index = pending.get_nowait()
-            except queue.Empty:
-                return
-            results[index] = one(index)
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(count, len(items)))]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results, time.perf_counter() - start
-
-
 def measure(grpc_url: str, engine, codec, texts: Sequence[str], rounds: int) -> Report:
     """The four paths over `texts` (request i on adapter i mod 3), `rounds` rounds after one warm-up."""
     from multiadapter.engine import GenerationRequest, GenerationResult
 
     from bench.machine import machine_info
     from bench.serving import fire
+    from bench.timing import run_concurrently
     from client import GenerateRequest
     from client.streaming import stream_generate
 
@@ -98,7 +73,7 @@ def measure(grpc_url: str, engine, codec, texts: Sequence[str], rounds: int) -> 
         return answers, time.perf_counter() - start
 
     def threads() -> tuple[list[str | None], float]:
-        return run_threads(CONCURRENCY, local, lambda i: text(engine.generate([local[i]])[0]))
+        return run_concurrently(CONCURRENCY, len(local), lambda i: text(engine.generate([local[i]])[0]))
 
     def front() -> tuple[list[str | None], float]:
         return fire(grpc_url, [("generate", r) for r in served], CONCURRENCY)
@@ -107,7 +82,7 @@ def measure(grpc_url: str, engine, codec, texts: Sequence[str], rounds: int) -> 
         def one(i: int) -> str:
             return "".join(c.text for c in stream_generate(grpc_url, "grpc", served[i], stream=False))
 
-        return run_threads(CONCURRENCY, served, one)
+        return run_concurrently(CONCURRENCY, len(served), one)
 
     paths = dict(zip(PATHS, (batched, threads, front, stream), strict=True))
     for path in paths.values():  # warm-up
@@ -165,9 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from client.compare import random_prompts
     from server.process import start_server
 
-    parser = argparse.ArgumentParser(prog="python -m bench.served_path", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few requests, one round (a smoke run)")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "build" / "bench", help="output directory")
+    parser = outputs.parser("python -m bench.served_path", __doc__, "few requests, one round (a smoke run)")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (5)")
     args = parser.parse_args(argv)
     requests, rounds = (32, 1) if args.quick else (96, args.rounds)
@@ -189,10 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         server.stop()
         engine.stop_loop()
-    markdown = to_markdown(report)
-    (args.out / "served_path.md").write_text(markdown)
-    (args.out / "served_path.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-    sys.stdout.write(markdown)
+    outputs.write(args.out, "served_path", to_markdown(report), asdict(report))
     return 0
 
 

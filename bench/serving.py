@@ -19,15 +19,11 @@ bank). The bench serves a copy of the model repository with that one setting cha
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import queue
 import shutil
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,8 +32,10 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from bench import outputs
 from bench.fixture import BENCH_SPEC, build_fixture
 from bench.machine import machine_info
+from bench.timing import run_concurrently
 from client.api import OUTPUTS, GenerateRequest, build_inputs
 from client.compare import random_prompts, serving_process_rss
 
@@ -101,32 +99,17 @@ def fire(
     A failed request leaves None in its place.
     """
     client = grpcclient.InferenceServerClient(url)
-    texts: list[str | None] = [None] * len(work)
-    pending: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for index in range(len(work)):
-        pending.put(index)
 
-    def worker() -> None:
-        while True:
-            try:
-                index = pending.get_nowait()
-            except queue.Empty:
-                return
-            model, request = work[index]
-            outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
-            try:
-                result = client.infer(model, build_inputs(request, grpcclient), outputs=outputs)
-            except InferenceServerException:
-                continue
-            texts[index] = result.as_numpy("text_output").reshape(-1)[0].decode("utf-8", "replace")
+    def one(index: int) -> str | None:
+        model, request = work[index]
+        outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+        try:
+            result = client.infer(model, build_inputs(request, grpcclient), outputs=outputs)
+        except InferenceServerException:
+            return None
+        return result.as_numpy("text_output").reshape(-1)[0].decode("utf-8", "replace")
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(concurrency, len(work)))]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall_s = time.perf_counter() - start
+    texts, wall_s = run_concurrently(concurrency, len(work), one)
     client.close()
     return texts, wall_s
 
@@ -362,9 +345,9 @@ def to_markdown(scenarios: Sequence[Scenario], machine: dict[str, object]) -> st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="demo scenario only, few requests (a smoke run)")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "build" / "bench", help="output directory")
+    parser = outputs.parser(
+        "python -m bench.serving", __doc__, "demo scenario only, few requests (a smoke run)"
+    )
     parser.add_argument("--requests", type=int, default=96, help="requests per round (96)")
     parser.add_argument("--rounds", type=int, default=8, help="measured rounds per path (8)")
     args = parser.parse_args(argv)
@@ -409,7 +392,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     machine = machine_info()
     markdown = to_markdown(scenarios, machine)
-    (args.out / "serving.md").write_text(markdown)
     payload = {
         "machine": machine,
         "scenarios": [
@@ -440,8 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for s in scenarios
         ],
     }
-    (args.out / "serving.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    sys.stdout.write(markdown)
+    outputs.write(args.out, "serving", markdown, payload)
     failed = any(m.dynamic.failed or m.merged.failed for s in scenarios for m in s.measurements)
     return 1 if failed else 0
 

@@ -9,8 +9,10 @@ of two separately measured medians would not.
 from __future__ import annotations
 
 import gc
+import queue
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -147,3 +149,28 @@ def _timed(workload: Workload) -> float:
     t1 = time.perf_counter()
     workload.finish()
     return t1 - t0
+
+
+def run_concurrently(count: int, n: int, one: Callable[[int], object]) -> tuple[list, float]:
+    """`one(i)` for every i in range(n) with `count` threads in flight, each taking the next i when it is
+    done; (results in order, wall seconds)."""
+    pending: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for index in range(n):
+        pending.put(index)
+    results: list = [None] * n
+
+    def worker() -> None:
+        while True:
+            try:
+                index = pending.get_nowait()
+            except queue.Empty:
+                return
+            results[index] = one(index)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(count, n))]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, time.perf_counter() - start

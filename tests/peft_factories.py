@@ -114,3 +114,15 @@ def peft_reference(family: Family) -> PeftModel:
     for adapter_id in rest:
         model.load_adapter(family.adapter_dir / adapter_id, adapter_name=adapter_id)
     return model.eval()
+
+
+def peft_logits(reference: PeftModel, batch, adapter_ids, device="cpu") -> torch.Tensor:
+    """PEFT's logits [B, T, V] (float32) for `batch` (the engine's padded batch: input_ids, attention_mask,
+    position_ids), row i on adapter_ids[i] ("" is the base), in one mixed-adapter forward."""
+    with torch.no_grad():
+        return reference(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            position_ids=batch.position_ids.to(device),
+            adapter_names=[a or "__base__" for a in adapter_ids],
+        ).logits.to(torch.float32)

@@ -7,7 +7,7 @@ import torch
 from multiadapter.config import EngineConfig
 from multiadapter.engine import Engine, GenerationRequest
 
-from tests.peft_factories import EOS, PAD, build_family, peft_reference
+from tests.peft_factories import EOS, PAD, build_family, peft_logits, peft_reference
 
 PROMPTS = [
     [1, 5, 6, 7, 8, 9, 10, 11],
@@ -41,16 +41,6 @@ def mixed_ids(family) -> list[str]:
     """Every adapter and the base, twice over, interleaved, one per prompt."""
     cycle = [*family.adapter_ids, ""]
     return [cycle[i % len(cycle)] for i in range(len(PROMPTS))]
-
-
-def peft_logits(reference, batch, adapter_ids):
-    with torch.no_grad():
-        return reference(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            adapter_names=[a or "__base__" for a in adapter_ids],
-        ).logits
 
 
 def test_every_adapter_loaded_nothing_refused(engine, family):

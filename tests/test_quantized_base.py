@@ -35,6 +35,7 @@ from multiadapter.engine import Engine, GenerationRequest, GenerationResult
 from multiadapter.errors import ConfigError
 from multiadapter.quantization import is_quantized, weight_bytes
 
+from tests.peft_factories import peft_logits
 from tests.quantized_factories import EOS, peft_over_quantized, random_prompts
 
 LOGIT_TOL = 0.0625
@@ -87,16 +88,6 @@ def prompts():
     return random_prompts(PROMPTS_PER_ADAPTER, seed=13)
 
 
-def peft_logits(reference, batch, adapter_ids, device="cpu"):
-    with torch.no_grad():
-        return reference(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            position_ids=batch.position_ids.to(device),
-            adapter_names=[a or "__base__" for a in adapter_ids],
-        ).logits.to(torch.float32)
-
-
 def peft_uncached_greedy(reference, prompts, adapter_id, max_tokens, device="cpu"):
     """Greedy answers by PEFT's full forward of the whole sequence for every token (no KV cache), prompts of
     one length batched together (no padding)."""
@@ -121,6 +112,19 @@ def peft_uncached_greedy(reference, prompts, adapter_id, max_tokens, device="cpu
             ids = torch.cat([ids, nxt[:, None]], dim=1)
         answers.update(zip(indices, outputs, strict=True))
     return [answers[i] for i in range(len(prompts))]
+
+
+def mixed_greedy_agreement(engine, reference, prompts, ids, device="cpu") -> float:
+    """The share of `prompts` (prompt i on adapter ids[i], all in one mixed run through the engine) whose
+    greedy answer equals PEFT's uncached greedy answer for that prompt and adapter."""
+    requests = [GenerationRequest(p, a, max_tokens=MAX_TOKENS) for p, a in zip(prompts, ids, strict=True)]
+    outcomes = engine.generate(requests)
+    truth = {}
+    for adapter_id in dict.fromkeys(ids):
+        rows = [i for i, a in enumerate(ids) if a == adapter_id]
+        answers = peft_uncached_greedy(reference, [prompts[i] for i in rows], adapter_id, MAX_TOKENS, device)
+        truth.update(zip(rows, answers, strict=True))
+    return sum(o.output_ids == truth[i] for i, o in enumerate(outcomes)) / len(prompts)
 
 
 def test_the_base_is_really_quantized_and_has_no_full_precision_copy(engine, family):
@@ -402,15 +406,8 @@ def test_bf16_lora_weights_over_nf4_halve_the_adapter_bytes_and_stay_close_to_pe
     real = batch.attention_mask.bool()
     errors = (ours.to(torch.float32)[real] - theirs[real]).abs().flatten()
     assert errors.quantile(0.99) <= BF16_LORA_TOL * theirs[real].abs().max(), errors.quantile(0.99)
-    requests = [GenerationRequest(p, a, max_tokens=MAX_TOKENS) for p, a in zip(prompts, ids, strict=True)]
-    outcomes = half.generate(requests)
-    truth = {}
-    for adapter_id in cycle:
-        rows = [i for i, a in enumerate(ids) if a == adapter_id]
-        answers = peft_uncached_greedy(reference, [prompts[i] for i in rows], adapter_id, MAX_TOKENS)
-        truth.update(zip(rows, answers, strict=True))
-    agreed = sum(o.output_ids == truth[i] for i, o in enumerate(outcomes))
-    assert agreed / len(prompts) >= BF16_LORA_AGREEMENT, agreed
+    agreed = mixed_greedy_agreement(half, reference, prompts, ids)
+    assert agreed >= BF16_LORA_AGREEMENT, agreed
 
 
 @pytest.mark.gpu
@@ -438,16 +435,8 @@ def test_on_cuda_the_quantized_base_answers_like_peft_over_the_same_load(family,
     real = batch.attention_mask.bool().to(device)
     error = (ours.to(torch.float32)[real] - theirs[real]).abs().max().item()
     assert error <= LOGIT_TOL, error
-    outcomes = engine.generate(
-        [GenerationRequest(p, a, max_tokens=MAX_TOKENS) for p, a in zip(prompts, ids, strict=True)]
-    )
-    truth = {}
-    for adapter_id in cycle:
-        rows = [i for i, a in enumerate(ids) if a == adapter_id]
-        answers = peft_uncached_greedy(reference, [prompts[i] for i in rows], adapter_id, MAX_TOKENS, device)
-        truth.update(zip(rows, answers, strict=True))
-    agreed = sum(o.output_ids == truth[i] for i, o in enumerate(outcomes))
-    assert agreed / len(prompts) >= GREEDY_AGREEMENT, agreed
+    agreed = mixed_greedy_agreement(engine, reference, prompts, ids, device)
+    assert agreed >= GREEDY_AGREEMENT, agreed
 
 
 def test_a_kernel_the_device_cannot_run_fails_the_load_not_the_first_request(family, monkeypatch):

@@ -22,7 +22,7 @@ import torch
 from multiadapter.config import EngineConfig
 from multiadapter.engine import Engine, GenerationRequest
 
-from tests.peft_factories import build_family, peft_reference
+from tests.peft_factories import build_family, peft_logits, peft_reference
 
 LOGIT_SLACK = 1.5
 LOGIT_FLOOR = 0.01
@@ -72,16 +72,6 @@ def adapter_cycle(family, n: int) -> list[str]:
     return [cycle[i % len(cycle)] for i in range(n)]
 
 
-def peft_logits(model, batch, adapter_ids, device, dtype):
-    with torch.no_grad():
-        return model(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            position_ids=batch.position_ids.to(device),
-            adapter_names=[a or "__base__" for a in adapter_ids],
-        ).logits.to(torch.float32)
-
-
 def test_bf16_engine_really_computes_in_bf16(engines, device):
     bf16, fp32 = engines
     assert bf16.dtype == torch.bfloat16 and fp32.dtype == torch.float32
@@ -96,7 +86,7 @@ def test_bf16_logits_are_as_close_to_the_float32_truth_as_pefts(engines, family,
     truth, batch = fp32.logits(prompts, ids)
     ours, _ = bf16.logits(prompts, ids)
     reference = peft_reference(family).to(device=device, dtype=torch.bfloat16)
-    theirs = peft_logits(reference, batch, ids, device, torch.bfloat16)
+    theirs = peft_logits(reference, batch, ids, device)
     real = batch.attention_mask.bool().to(device)
     truth = truth.to(torch.float32)[real]
     our_error = (ours.to(torch.float32)[real] - truth).abs().max().item()
