@@ -131,16 +131,19 @@ def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[li
     all rows on one adapter, all rows on the base."""
     slots = lora_slots(engine, plan.spec, plan.batch)
     kinds, n_lora = kinds_batch(engine, plan)
-    prompts = _prompts(plan, plan.batch, plan.prompt_tokens, salt=1).tolist()
+    prompts = _prompts(plan, plan.wide_batch, plan.prompt_tokens, salt=1).tolist()
     params = SamplingParams(max_tokens=plan.new_tokens)
+    wide = plan.wide_batch
     variants = {
         "mixed": slots,
         "uniform": [slots[0]] * plan.batch,
         "base": [BASE_SLOT] * plan.batch,
         "kinds": kinds,
+        "mixed_wide": [slots[i % plan.batch] for i in range(wide)],
+        "uniform_wide": [slots[0]] * wide,
     }
     requests = {
-        name: [RowRequest(p, s, params, plan.new_tokens) for p, s in zip(prompts, row_slots, strict=True)]
+        name: [RowRequest(p, s, params, plan.new_tokens) for p, s in zip(prompts, row_slots, strict=False)]
         for name, row_slots in variants.items()
     }
     progress.section(
@@ -193,14 +196,20 @@ def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[li
             f"rows 0..{n_lora - 1} equal the distinct-LoRA batch, row {plan.batch - 1} the base batch",
         ),
         Check(
+            "(a) rows grouped by adapter in the wide batch are batch-invariant",
+            outputs["mixed_wide"][: plan.batch] == outputs["mixed"]
+            and outputs["uniform_wide"][: plan.batch] == outputs["uniform"],
+            f"the wide batches' first {plan.batch} rows equal the mixed and one-adapter batches",
+        ),
+        Check(
             "(a) bottleneck rows of the kinds batch change the generated tokens",
             bn_changed > 0,
             f"{bn_changed} of the {len(bn_rows)} bottleneck rows differ from the same prompts on the base",
         ),
     ]
-    tokens = plan.batch * plan.new_tokens
 
     def tok_s(name: str) -> str:
+        tokens = len(variants[name]) * plan.new_tokens
         return f"{name} {samples.median_ms(name):.0f} ms ({tokens / samples.median_ms(name) * 1e3:.0f} tok/s)"
 
     common = dict(
@@ -218,6 +227,23 @@ def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[li
                 f"Per trial, time of generate_rows for {plan.batch} rows all on adapter a0 divided by "
                 f"the time for the same prompts on {plan.batch} distinct adapters (prefill + "
                 f"{plan.new_tokens - 1} decode forwards + greedy selection), EOS disabled."
+            ),
+            **common,
+        ),
+        Result(
+            key="a.mixed_wide",
+            title=(
+                f"(a) throughput, {wide} rows on {plan.batch} adapters ({wide // plan.batch} each) "
+                f"/ {wide} rows on 1 adapter (B={wide})"
+            ),
+            ratio=paired_ratio(samples, "uniform_wide", "mixed_wide"),
+            goal=Goal(">=", 0.90),
+            anchor="1.01 (Punica, B=32, A100)",
+            context=f"{tok_s('mixed_wide')}; {tok_s('uniform_wide')}",
+            method=(
+                f"Same trials, {wide} rows (the first {plan.batch} prompts of the mixed batch and more): "
+                f"rows cycle over adapters a0..a{plan.batch - 1}, so each adapter's rows are computed as one "
+                "group that reads its weights once per layer, against all rows on adapter a0."
             ),
             **common,
         ),

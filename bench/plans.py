@@ -11,11 +11,13 @@ from .timing import Budget
 @dataclass(frozen=True)
 class Plan:
     """One benchmark run. `batch` rows use `batch` distinct LoRA adapters in the mixed case; the kinds
-    batch puts one row on each bottleneck preset, one on the base and the rest on LoRA adapters."""
+    batch puts one row on each bottleneck preset, one on the base and the rest on LoRA adapters. The wide
+    batch has `wide_batch` rows over the same `batch` adapters (several rows per adapter)."""
 
     name: str
     spec: ModelSpec
     batch: int
+    wide_batch: int
     prompt_tokens: int
     new_tokens: int
     cache_tokens: int
@@ -29,6 +31,8 @@ class Plan:
             raise ValueError(
                 f"batch {self.batch} needs {self.batch} adapters, the spec has {self.spec.n_adapters}"
             )
+        if self.wide_batch < 2 * self.batch:
+            raise ValueError(f"wide_batch {self.wide_batch} must give each of {self.batch} adapters 2+ rows")
         if self.batch < len(self.spec.bottleneck_kinds) + 2:
             raise ValueError(
                 f"batch {self.batch} cannot mix {len(self.spec.bottleneck_kinds)} bottleneck rows, "
@@ -45,6 +49,7 @@ FULL = Plan(
     name="full",
     spec=BENCH_SPEC,
     batch=8,
+    wide_batch=32,
     prompt_tokens=32,
     new_tokens=32,
     cache_tokens=64,
@@ -58,6 +63,7 @@ QUICK = Plan(
     name="quick",
     spec=QUICK_SPEC,
     batch=8,
+    wide_batch=16,
     prompt_tokens=8,
     new_tokens=4,
     cache_tokens=16,

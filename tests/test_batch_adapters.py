@@ -12,9 +12,10 @@ import random
 
 import pytest
 import torch
+from multiadapter import batch_adapters
 from multiadapter.bank import BASE_SLOT, AdapterBank
 from multiadapter.batch_adapters import compact_order
-from multiadapter.layers import BankedLinear
+from multiadapter.layers import BankedLinear, GroupedRoute, Route
 from multiadapter.lora_loading import LoraAdapter, LoraModuleWeights
 from torch import nn
 
@@ -81,7 +82,17 @@ def test_compact_order_keeps_survivors_in_place(alive):
     assert all(order[i] == i for i in range(len(order)) if alive[i])  # survivors never move
 
 
-def test_random_operations_keep_every_row_exact():
+@pytest.fixture
+def group_readily(monkeypatch):
+    """Group rows by adapter from two rows per adapter on (the default threshold suits a CPU's costs, and
+    small batches would rarely reach it)."""
+    monkeypatch.setattr(batch_adapters, "GROUP_MIN_ROWS_PER_ADAPTER", 2)
+
+
+@pytest.mark.parametrize("grouping", ["default", "readily"])
+def test_random_operations_keep_every_row_exact(grouping, request):
+    if grouping == "readily":
+        request.getfixturevalue("group_readily")
     rng = random.Random(7)
     torch.manual_seed(7)
     model = _Two()
@@ -100,10 +111,13 @@ def test_random_operations_keep_every_row_exact():
     def draw(n: int) -> list[int]:
         return [rng.choice([BASE_SLOT, *resident]) for _ in range(n)]
 
+    kinds_seen: set[str] = set()
+
     def check(batch) -> None:
         x = torch.randn(len(batch), 2, IN)
         with torch.no_grad(), bank.routing(batch):
             out = model(x)
+            kinds_seen.update(_kind(layer.route) for layer in (model.p, model.q))
         with torch.no_grad():
             for i, slot in enumerate(batch.slots):
                 torch.testing.assert_close(out[i], _alone(model, x[i], resident.get(slot)))
@@ -139,9 +153,83 @@ def test_random_operations_keep_every_row_exact():
                 del resident[slot]
         distinct_seen = max(distinct_seen, len({s for s in batch.slots if s != BASE_SLOT}))
         check(batch)
-    assert distinct_seen >= 3  # the kept per-row weights were really used (several adapters in one batch)
+    assert distinct_seen >= 3  # several adapters in one batch
+    grouped = {"grouped", "grouped, padded"} if grouping == "readily" else set()
+    assert kinds_seen >= {"shared", "per-row", *grouped}  # every route kind was checked
     assert "wide" in {a.adapter_id for a in resident.values()}
     assert model.p.layout > 0 and model.q.layout > 0  # the rank grew under a kept batch
+
+
+def _kind(route) -> str:
+    if isinstance(route, GroupedRoute):
+        return "grouped" if route.take is None else "grouped, padded"
+    if isinstance(route, Route):
+        return "shared" if route.a_t.dim() == 2 else "per-row"
+    return "none"
+
+
+def test_rows_grouped_by_adapter_read_each_adapter_once(group_readily):
+    """Adapters with several rows each are computed per adapter: the route holds each adapter's weights once,
+    at the largest rank present (not the bank's), and every row still gets exactly its own adapter."""
+    model = _Two()
+    bank = AdapterBank(model, capacity=4)
+    narrow = [_adapter("r1", 1, ("p", "q"), seed=1), _adapter("r2", 2, ("p",), seed=2)]
+    wide = _adapter("r6", 6, ("p", "q"), seed=3)  # makes the bank's storage rank 6
+    slots = [bank.add(a).slot for a in [*narrow, wide]]
+    by_slot = dict(zip(slots, [*narrow, wide], strict=True))
+    s1, s2, _ = slots
+    rows = [s2, s1, BASE_SLOT, s1, s2, s1, s2, s1]  # 4 + 3 rows over two adapters, one base row
+    batch = bank.batch(rows)
+    x = torch.randn(len(rows), 3, IN)
+    with torch.no_grad(), bank.routing(batch):
+        out = model(x)
+        route_p, route_q = model.p.route, model.q.route
+    assert isinstance(route_p, GroupedRoute) and route_p.a_t.shape[0] == 2  # two adapters, read once each
+    assert route_p.a_t.shape[2] == 2 < model.p.max_rank == 6  # the largest rank present, not the bank's
+    assert route_p.take is not None  # 4 and 3 rows: the smaller group is padded
+    assert isinstance(route_q, Route) and route_q.a_t.shape == (HIDDEN, 1)  # q: only r1 adapts it
+    with torch.no_grad():
+        for i, slot in enumerate(rows):
+            torch.testing.assert_close(out[i], _alone(model, x[i], by_slot.get(slot)))
+    kept = batch._groups[model.p].a
+    bank.select(batch, compact_order([True, True, True, False, True, True, True, True]))  # an s1 row leaves
+    with torch.no_grad(), bank.routing(batch):
+        model(x[:7])
+        assert model.p.route.a_t.data_ptr() == kept.data_ptr()  # the same adapters: not read again
+
+
+def test_grouped_weights_follow_adapters_that_leave_arrive_and_reuse_a_slot(group_readily):
+    """Kept group weights are updated in place as adapters leave and arrive, and an adapter stored in a slot
+    that another adapter held before (freed while no row used it) is copied afresh, not served stale."""
+    model = _Two()
+    bank = AdapterBank(model, capacity=4)
+    first = [_adapter(f"g{i}", 2, ("p", "q"), seed=10 + i) for i in range(3)]
+    by_slot = {bank.add(a).slot: a for a in first}
+    s0, s1, s2 = by_slot
+
+    def check(batch) -> None:
+        x = torch.randn(len(batch), 2, IN)
+        with torch.no_grad(), bank.routing(batch):
+            out = model(x)
+            assert isinstance(model.p.route, GroupedRoute)
+        with torch.no_grad():
+            for i, slot in enumerate(batch.slots):
+                torch.testing.assert_close(out[i], _alone(model, x[i], by_slot.get(slot)))
+
+    batch = bank.batch([s0, s1, s2, s0, s1, s2])
+    check(batch)
+    bank.select(batch, compact_order([True, True, False, True, True, False]))  # s2's rows leave
+    bank.remove(s2)  # before any forward without it: the kept group weights still hold g2 for slot s2
+    del by_slot[s2]
+    replacement = _adapter("other", 3, ("p", "q"), seed=99)
+    assert bank.add(replacement).slot == s2  # the freed slot, now another adapter
+    by_slot[s2] = replacement
+    bank.extend(batch, bank.batch([s2, s2]))
+    check(batch)  # the replacement's weights, not g2's
+    assert sorted(batch.slots) == sorted([s0, s0, s1, s1, s2, s2])
+    bank.select(batch, compact_order([s != s0 for s in batch.slots]))  # s0's rows leave
+    check(batch)
+    assert sorted(batch._groups[model.p].slots) == sorted([s1, s2])  # exactly the adapters still present
 
 
 def test_rows_keep_their_weights_across_steps_and_departures():

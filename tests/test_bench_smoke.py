@@ -33,7 +33,7 @@ def test_quick_bench_writes_the_report(tmp_path: Path):
     assert data["ok"] is True
     assert data["plan"]["name"] == "quick"
     keys = {r["key"] for r in data["results"]}
-    assert {"a.mixed", "a.lora_vs_base", "a.kinds", "c.mixed.B8"} <= keys
+    assert {"a.mixed", "a.mixed_wide", "a.lora_vs_base", "a.kinds", "c.mixed.B8"} <= keys
     for batch in (1, 8):
         assert {f"b.adapter.B{batch}", f"b.wrapper.B{batch}"} <= keys
         assert {f"b.bottleneck.{kind}.B{batch}" for kind in ("seq_bn", "double_seq_bn", "par_bn")} <= keys

@@ -145,7 +145,7 @@ class AdapterBank:
         modules: list[nn.Module] = [*self._layers.values(), *self._sites.values()]
         routes = batch.routes(list(self._layers.values()), list(self._sites.values()), self._epoch)
         for module, route in zip(modules, routes, strict=True):
-            module.route = route
+            _set_route(module, route)
         return modules
 
 
@@ -174,4 +174,11 @@ class BatchRouting:
 
     def clear(self) -> None:
         for module in self._modules:
-            module.route = None
+            _set_route(module, None)
+
+
+def _set_route(module: nn.Module, route: object) -> None:
+    """`module.route = route` without `nn.Module.__setattr__`'s checks for parameters, buffers and submodules
+    (`route` is none of them): installing and clearing every layer's route is done twice per forward step,
+    and those checks made it cost 0.45 ms per step on the bench model (80 modules)."""
+    object.__setattr__(module, "route", route)

@@ -276,6 +276,8 @@ class BankedBottleneck(nn.Module):
 
     @route.setter
     def route(self, route: tuple[BottleneckGroup, ...] | None) -> None:
+        if route is None and self._route is None and not self._handles:
+            return  # unrouted and unhooked already: the common case, kept cheap (set twice per step)
         self._route = route
         if route is None:
             for handle in self._handles:

@@ -38,6 +38,37 @@ class Route:
     a_t: torch.Tensor
     b_t: torch.Tensor
 
+    def delta(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """x: [B, T, in] -> (rows, delta [n, T, out]): the deltas of the adapted rows."""
+        rows = x if self.rows is None else x.index_select(0, self.rows)
+        return self.rows, lora_delta(rows.to(self.a_t.dtype), self.a_t, self.b_t)
+
+
+@dataclass(frozen=True)
+class GroupedRoute:
+    """The adapted rows grouped by adapter, so that each adapter's weights are read once per forward
+    (a per-row route reads them once per row).
+
+    a_t: [D, in, r], b_t: [D, r, out]: the D adapters present, r the largest of their ranks (not the bank's).
+    grid: [D * G] batch rows, group d's rows at d*G .. d*G + G - 1; a group smaller than G repeats its first
+    row (computed, never added). take: [n] the grid positions of the adapted rows (None: no repeats);
+    rows: [n] those rows' batch indices, in the same order.
+    """
+
+    grid: torch.Tensor
+    take: torch.Tensor | None
+    rows: torch.Tensor
+    a_t: torch.Tensor
+    b_t: torch.Tensor
+
+    def delta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, in] -> (rows, delta [n, T, out])."""
+        groups, tokens = self.a_t.shape[0], x.shape[1]
+        xs = x.index_select(0, self.grid).to(self.a_t.dtype)  # [D * G, T, in]
+        xs = xs.view(groups, -1, x.shape[2])  # [D, G * T, in]
+        delta = torch.bmm(torch.bmm(xs, self.a_t), self.b_t).view(-1, tokens, self.b_t.shape[2])
+        return self.rows, delta if self.take is None else delta.index_select(0, self.take)
+
 
 class BankedLinear(nn.Module):
     """Wraps an `nn.Linear` or GPT-2 `Conv1D`; holds this layer's share of the adapter bank.
@@ -69,7 +100,11 @@ class BankedLinear(nn.Module):
         self.register_buffer("a_t", torch.zeros(0, self.in_features, 0, **kwargs), persistent=False)
         self.register_buffer("b_t", torch.zeros(0, 0, self.out_features, **kwargs), persistent=False)
         self.local_of_slot: dict[int, int] = {}
-        self.route: Route | None = None
+        self.rank_of_slot: dict[int, int] = {}
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> adapter_weights(slot)
+        self._stores = 0
+        self._generation_of_slot: dict[int, int] = {}  # which store put the slot's current adapter here
+        self.route: Route | GroupedRoute | None = None
         self.layout = 0  # bumped when the storage's rank grows (per-row weights made before no longer fit)
 
     @property
@@ -101,13 +136,32 @@ class BankedLinear(nn.Module):
         self.a_t[local, :, :rank] = a.t().to(self.a_t)
         self.b_t[local, :rank, :] = b_scaled.t().to(self.b_t)
         self.local_of_slot[slot] = local
+        self.rank_of_slot[slot] = int(rank)
+        self._views.clear()  # the storage may have been reallocated
+        self._stores += 1
+        self._generation_of_slot[slot] = self._stores
 
     def drop(self, slot: int) -> None:
         """Forget the adapter of `slot`; its storage row is zeroed and reused by the next store."""
         local = self.local_of_slot.pop(slot, None)
+        self.rank_of_slot.pop(slot, None)
+        self._views.pop(slot, None)
         if local is not None:
             self.a_t[local].zero_()
             self.b_t[local].zero_()
+
+    def generation(self, slot: int) -> int:
+        """Which store put `slot`'s current adapter in this layer (0: none): copies made of an older one are
+        stale."""
+        return self._generation_of_slot.get(slot, 0) if slot in self.local_of_slot else 0
+
+    def adapter_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored adapter of `slot` at its own rank r: views a [in, r], b [r, out] (made once)."""
+        views = self._views.get(slot)
+        if views is None:
+            local, rank = self.local_of_slot[slot], self.rank_of_slot[slot]
+            views = self._views[slot] = (self.a_t[local, :, :rank], self.b_t[local, :rank])
+        return views
 
     def row_weights(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row weights for a batch whose row i uses bank slot slots[i]: a [n, in, r_max],
@@ -133,7 +187,7 @@ class BankedLinear(nn.Module):
         device = self.a_t.device
         row_index = None if len(rows) == len(slots) else torch.tensor(rows, device=device)
         if len(set(locals_)) == 1:
-            return Route(row_index, self.a_t[locals_[0]], self.b_t[locals_[0]])
+            return Route(row_index, *self.adapter_weights(slots[rows[0]]))
         index = torch.tensor(locals_, device=device)
         return Route(row_index, self.a_t.index_select(0, index), self.b_t.index_select(0, index))
 
@@ -149,11 +203,22 @@ class BankedLinear(nn.Module):
         route = self.route
         if route is None:
             return y
-        rows = x if route.rows is None else x.index_select(0, route.rows)
-        delta = lora_delta(rows.to(route.a_t.dtype), route.a_t, route.b_t)
+        if (
+            route.rows is None
+            and route.a_t.dim() == 2
+            and route.a_t.dtype == y.dtype
+            and not self.quantized
+            and y.is_contiguous()
+        ):
+            # One adapter for every row: y += (x @ a_t) @ b_t, the expand accumulating straight into y.
+            shrunk = torch.mm(x.reshape(-1, self.in_features), route.a_t)
+            y.view(-1, self.out_features).addmm_(shrunk, route.b_t)
+            return y
+        rows, delta = route.delta(x)
         if self.quantized or delta.dtype == y.dtype:
             delta = delta.to(y.dtype)
-            return y + delta if route.rows is None else y.index_add(0, route.rows, delta)
-        if route.rows is None:
+            # y is this forward's own output: adding in place is safe and spares a copy.
+            return y.add_(delta) if rows is None else y.index_add_(0, rows, delta)
+        if rows is None:
             return (y + delta).to(y.dtype)
-        return y.index_copy(0, route.rows, (y.index_select(0, route.rows) + delta).to(y.dtype))
+        return y.index_copy_(0, rows, (y.index_select(0, rows) + delta).to(y.dtype))
