@@ -166,6 +166,38 @@ def ids_tensor(name: str, ids: list[int]) -> pb_utils.Tensor:
     return pb_utils.Tensor(name, np.asarray(ids, dtype=np.int32).reshape(1, -1))
 
 
+# How often a stub looks for its tritonserver, and the exit status it leaves with when the server is gone.
+SERVER_WATCH_INTERVAL_S = 0.1
+ORPHAN_EXIT_CODE = 3
+_server_watch_started = False
+
+
+def exit_with_the_server() -> None:
+    """Leave this stub process at once (`os._exit`) when its tritonserver is gone; call from `initialize`.
+
+    When tritonserver dies (a crash, a kill, or its exit timeout under load), Triton 2.51's stub notices only
+    once the server has been reaped, then tears itself down, and that teardown waits for a lock held by any
+    thread still blocked sending to the dead server (a response sender's `send`, a metric's `increment`: the
+    engine's responder and metric threads under load). The engine's stub then never exits and keeps the
+    model's memory, a GPU's included: after SIGKILL under load, 4 engine stubs of 4 were left (backtraces:
+    one thread in `Stub::TerminateStubToParentQueueMonitor` waiting on a mutex, others in
+    `ResponseSender::Send` and `Metric::SendIncrementRequest`). A stub whose server is gone has nothing left
+    to answer or to clean up (the launcher removes stale shared memory), so it exits without any teardown.
+    The server's death shows here at once, as this process being re-parented, before it is even reaped."""
+    global _server_watch_started
+    if _server_watch_started:
+        return
+    _server_watch_started = True
+    server = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == server:
+            time.sleep(SERVER_WATCH_INTERVAL_S)
+        os._exit(ORPHAN_EXIT_CODE)
+
+    threading.Thread(target=watch, name="server-watch", daemon=True).start()
+
+
 class _TritonLogHandler(logging.Handler):
     """Forwards `logging` records to Triton's log, so library code never needs the Triton module."""
 

@@ -33,6 +33,7 @@ from triton_boundary import (
     CANCEL_KEY,
     LISTING,
     error_response,
+    exit_with_the_server,
     model_parameters,
     request_parameters,
     route_logging_to_triton,
@@ -78,6 +79,7 @@ def copied_response(response, engine_model: str) -> pb_utils.InferenceResponse:
 class TritonPythonModel:
     def initialize(self, args):
         route_logging_to_triton()
+        exit_with_the_server()
         self.engine_model = model_parameters(args).get("engine_model") or "generate_stream"
 
     async def execute(self, requests):

@@ -48,6 +48,7 @@ from triton_boundary import (
     bytes_tensor,
     count_tensor,
     error_response,
+    exit_with_the_server,
     instance_device,
     model_parameters,
     optional_scalar,
@@ -225,6 +226,7 @@ class _Reply:
 class TritonPythonModel:
     def initialize(self, args):
         route_logging_to_triton()
+        exit_with_the_server()
         config = EngineConfig.from_parameters(model_parameters(args))
         self.codec = TextCodec.load(config.base_model)
         # All torch work (the load, then every step) on one thread; see TorchThread.

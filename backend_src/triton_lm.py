@@ -23,6 +23,7 @@ from triton_boundary import (
     bytes_tensor,
     count_tensor,
     error_response,
+    exit_with_the_server,
     ids_tensor,
     instance_device,
     model_parameters,
@@ -85,6 +86,7 @@ def lm_response(outcome: GenerationResult) -> pb_utils.InferenceResponse:
 class TritonPythonModel:
     def initialize(self, args):
         route_logging_to_triton()
+        exit_with_the_server()
         config = EngineConfig.from_parameters(model_parameters(args))
         # All torch work (the load, then every step) on one thread; see TorchThread.
         self.torch_thread = TorchThread("engine")

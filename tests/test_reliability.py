@@ -8,6 +8,7 @@ resident memory. The last test stops the server under load.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -32,7 +33,7 @@ from client.api import AdapterClient, GenerateRequest, GenerateResult, RequestFa
 from loadtest.local_server import LocalServer, local_server
 from loadtest.memory import tree_rss
 from loadtest.traffic import TrafficConfig, TrafficPlan
-from server.process import STOP_MARGIN_S
+from server.process import STOP_MARGIN_S, start_server
 from server.stubs import SHM_DIR, Stub, list_stubs
 from tests.conftest import ROOT
 
@@ -108,6 +109,14 @@ class Supervised:
     def client(self, protocol: str = "http") -> AdapterClient:
         url = self.http_url if protocol == "http" else self.grpc_url
         return AdapterClient(url, protocol=protocol, timeout_s=CLIENT_TIMEOUT_S)
+
+
+def live_process(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def shm_regions() -> set[str]:
@@ -660,11 +669,22 @@ def test_clients_that_disconnect_mid_request_leave_nothing_behind(healthy):
 
 
 def test_a_killed_tritonserver_is_restarted_by_the_launcher(healthy):
+    """Killed under load: the launcher restarts it, and none of the old server's stubs outlives it (the
+    engine's stub used to hang for ever in Triton's teardown, its threads blocked sending to the dead
+    server)."""
     before = baseline(healthy)
     probes = demo_probes(7, seed=8)
     old = healthy.server_pid()
-    os.kill(old, signal.SIGKILL)
-    fault = time.monotonic()
+    old_stubs = [s for s in healthy.stubs() if not s.dead]
+    with Load(healthy, demo_probes(42, seed=9)):
+        time.sleep(2)
+        os.kill(old, signal.SIGKILL)
+        fault = time.monotonic()
+        while (left := [s.pid for s in old_stubs if live_process(s.pid)]) and time.monotonic() < fault + 10:
+            time.sleep(0.1)
+    assert not left, [s for s in old_stubs if s.pid in left]
+    gone_s = time.monotonic() - fault
+    print(f"the old server's {len(old_stubs)} stubs exited {gone_s:.1f} s after it was killed")
     deadline = fault + 300
     while health(healthy).returncode != 0:
         assert time.monotonic() < deadline, healthy.log()[-3000:]
@@ -675,6 +695,47 @@ def test_a_killed_tritonserver_is_restarted_by_the_launcher(healthy):
     assert healthy.server_pid() != old
     print(f"serving exactly again {restarted:.1f} s after tritonserver was killed")
     assert_back_to(healthy, before)
+
+
+def test_no_stub_outlives_a_tritonserver_killed_under_load(tmp_path):
+    """A plain server (no launcher) on the demo model, killed with SIGKILL while 12 gRPC clients keep it busy,
+    then reaped: every stub must exit within seconds. The engine's stub hung for ever in Triton 2.51's own
+    teardown before it watched for its server (4 runs of 4): its responder and metric threads were blocked
+    sending to the dead server and held the lock that teardown waits for."""
+    demo = ROOT / "models" / "demo"
+    server = start_server(
+        ROOT / "model_repository", demo / "base", demo / "adapters", log_path=tmp_path / "server.log"
+    )
+    try:
+        stubs = list_stubs(server.pid)
+        assert any(s.model == "generate_stream" for s in stubs)
+        stop = threading.Event()
+        texts = [p.request.text for p in demo_probes(12, seed=11)]
+
+        def client(text: str) -> None:
+            with AdapterClient(server.grpc_url, protocol="grpc", timeout_s=30) as busy:
+                for adapter in itertools.cycle(["upper", "reverse", "rot13", ""]):
+                    if stop.is_set():
+                        return
+                    with contextlib.suppress(RequestFailed):
+                        busy.generate(GenerateRequest(text, adapter, max_tokens=40))
+
+        threads = [threading.Thread(target=client, args=(t,), daemon=True) for t in texts]
+        for thread in threads:
+            thread.start()
+        time.sleep(3)
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+        killed = time.monotonic()
+        stop.set()
+        while (left := [s for s in stubs if live_process(s.pid)]) and time.monotonic() < killed + 10:
+            time.sleep(0.1)
+        assert not left, left
+    finally:
+        for stub in stubs:
+            if live_process(stub.pid):
+                os.kill(stub.pid, signal.SIGKILL)
+        server.kill()
 
 
 def test_stopping_the_server_under_load_answers_every_request_and_leaves_nothing(
@@ -710,7 +771,7 @@ def test_stopping_the_server_under_load_answers_every_request_and_leaves_nothing
     assert not late, late[:3]
     assert "restarting tritonserver" not in log[log_before_stop:]  # a stop is not a fault
     assert not psutil.pid_exists(server_pid)
-    assert not [s.pid for s in stubs if psutil.pid_exists(s.pid)]
+    assert not [s.pid for s in stubs if live_process(s.pid)]
     assert not {s.shm_region for s in stubs} & shm_regions()
     assert stale_regions() <= stale_before_server
     print(f"stopped in {took:.1f} s under load, exit status {returncode}; outcomes {dict(outcomes)}")

@@ -15,6 +15,7 @@ with without_torch():  # this step only tokenizes: it starts in a second without
     from triton_boundary import (  # noqa: E402
         bytes_tensor,
         error_response,
+        exit_with_the_server,
         route_logging_to_triton,
         text_codec,
         token_ids,
@@ -24,6 +25,7 @@ with without_torch():  # this step only tokenizes: it starts in a second without
 class TritonPythonModel:
     def initialize(self, args):
         route_logging_to_triton()
+        exit_with_the_server()
         self.codec = text_codec(args)
 
     def execute(self, requests):

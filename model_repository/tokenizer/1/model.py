@@ -15,6 +15,7 @@ with without_torch():  # this step only tokenizes: it starts in a second without
     from multiadapter.errors import RequestError  # noqa: E402
     from triton_boundary import (  # noqa: E402
         error_response,
+        exit_with_the_server,
         ids_tensor,
         required_bytes,
         route_logging_to_triton,
@@ -25,6 +26,7 @@ with without_torch():  # this step only tokenizes: it starts in a second without
 class TritonPythonModel:
     def initialize(self, args):
         route_logging_to_triton()
+        exit_with_the_server()
         self.codec = text_codec(args)
 
     def execute(self, requests):
