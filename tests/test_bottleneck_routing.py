@@ -99,8 +99,8 @@ def test_a_narrow_adapter_computes_at_its_own_width_beside_wider_ones(engine):
     assert alone.weights.down_t.shape == (64, 4) and alone.weights.up_t.shape == (4, 64)
 
     narrow, wide = site.make_route([slot(engine, "pfeiffer"), BASE_SLOT, slot(engine, "parallel")])
-    assert narrow.rows.tolist() == [0] and narrow.weights.down_t.shape == (64, 4)
-    assert wide.rows.tolist() == [2] and wide.weights.down_t.shape == (64, 32)
+    assert narrow.rows.index.tolist() == [0] and narrow.weights.down_t.shape == (64, 4)
+    assert wide.rows.index.tolist() == [2] and wide.weights.down_t.shape == (64, 32)
     assert narrow.weights.ln_w is None  # no ln_after: the norm weights are not gathered either
 
 

@@ -173,7 +173,7 @@ def test_adapters_of_one_form_share_a_group_gathered_per_row(engine, family):
 
     slots = [engine.resolve(a).slot for a in ("pfeiffer", "", "pfeiffer_wide", "houlsby")]
     site = bottleneck_site(engine.model, BottleneckPlace(0, FFN))
-    by_rows = {tuple(g.rows.tolist()): g for g in site.make_route(slots)}
+    by_rows = {tuple(g.rows.index.tolist()): g for g in site.make_route(slots)}
     assert set(by_rows) == {(0, 2), (3,)}
     # The group computes at its widest routed adapter (pfeiffer_wide, 16), not par_bn's 32 stored beside it.
     assert by_rows[(0, 2)].weights.down_t.shape == (2, 64, 16)

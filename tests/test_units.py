@@ -162,3 +162,17 @@ def test_bank_routes_each_row_to_its_adapter():
     for i in range(4):
         torch.testing.assert_close(out[i], expected[i])
     assert model.proj.route is None  # routing is cleared after the block
+
+
+@pytest.mark.parametrize("rows", [[2], [1, 2, 3], [0, 2], [3, 1], [0, 1, 2, 3, 4]])
+def test_rows_read_and_write_like_index_ops_whether_consecutive_or_not(rows):
+    from multiadapter.batch_rows import Rows
+
+    selection = Rows.of(rows)
+    assert (selection.span is not None) == (rows == list(range(rows[0], rows[0] + len(rows))))
+    y = torch.randn(5, 3, 4)
+    delta = torch.randn(len(rows), 3, 4)
+    index = torch.tensor(rows)
+    assert torch.equal(selection.take(y), y.index_select(0, index))
+    assert torch.equal(selection.add_into(y.clone(), delta), y.index_add(0, index, delta))
+    assert torch.equal(selection.copy_into(y.clone(), delta), y.index_copy(0, index, delta))

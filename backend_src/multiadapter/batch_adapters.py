@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch_rows import Rows
 from .layers import BankedLinear, GroupedRoute, Route
 
 
@@ -199,7 +200,7 @@ class BatchAdapters:
         if not adapted:
             return None
         device = layer.a_t.device
-        rows = None if len(adapted) == len(slots) else torch.tensor(adapted, device=device)
+        rows = None if len(adapted) == len(slots) else Rows.of(adapted, device)
         members: dict[int, list[int]] = {}  # slot -> its rows
         for i in adapted:
             members.setdefault(slots[i], []).append(i)
@@ -306,7 +307,7 @@ class GroupWeights:
         return GroupedRoute(
             grid=torch.tensor(grid, device=device),
             take=torch.tensor(take, device=device) if padded else None,
-            rows=torch.tensor(rows, device=device),
+            rows=Rows.of(rows, device),
             a_t=self.a[:n],
             b_t=self.b[:n],
         )

@@ -24,6 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
+from .batch_rows import Rows
+
 ATTENTION = "attention"  # AdapterHub `mh_adapter`, key infix `attention_adapters`
 FFN = "ffn"  # AdapterHub `output_adapter`, key infix `output_adapters`
 POSITIONS = (ATTENTION, FFN)
@@ -165,10 +167,10 @@ def bottleneck_delta(
 
 @dataclass(frozen=True)
 class BottleneckGroup:
-    """Rows of the batch whose adapters here share one form. rows: [n] batch indices, or None for all rows."""
+    """Rows of the batch whose adapters here share one form (None: all rows)."""
 
     form: BottleneckForm
-    rows: torch.Tensor | None
+    rows: Rows | None
     weights: GatheredBottleneck
 
 
@@ -329,7 +331,7 @@ class BankedBottleneck(nn.Module):
         for form, rows in rows_of_form.items():
             weights = self.storage[form].gather([slots[i] for i in rows], with_norm=form.ln_after)
             all_rows = len(rows) == len(slots)
-            row_index = None if all_rows else torch.tensor(rows, device=self._like.device)
+            row_index = None if all_rows else Rows.of(rows, self._like.device)
             groups.append(BottleneckGroup(form, row_index, weights))
         return tuple(groups)
 
@@ -350,11 +352,8 @@ class BankedBottleneck(nn.Module):
             if rows is None:  # the only group: every row
                 result = h + bottleneck_delta(form, h, residual, group.weights)
                 break
-            h_rows = h.index_select(0, rows) if form.reads_output else None
-            r_rows = residual.index_select(0, rows) if form.reads_residual else None
+            h_rows = rows.take(h) if form.reads_output else None
+            r_rows = rows.take(residual) if form.reads_residual else None
             delta = bottleneck_delta(form, h_rows, r_rows, group.weights)
-            if result is None:
-                result = h.index_add(0, rows, delta)
-            else:
-                result.index_add_(0, rows, delta)
+            result = rows.add_into(h.clone() if result is None else result, delta)
         return (result, *output[1:]) if isinstance(output, tuple) else result

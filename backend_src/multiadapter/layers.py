@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .batch_rows import Rows
+
 
 def lora_delta(x: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """Low-rank update of rows of activations.
@@ -30,17 +32,17 @@ def lora_delta(x: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor) -> torch.T
 class Route:
     """Which rows of the batch this layer adapts, with their weights gathered once per batch.
 
-    rows: [n] indices into the batch, or None when every row is adapted.
+    rows: the n adapted rows of the batch, or None when every row is adapted.
     a_t: [in, r] shared by all adapted rows, or [n, in, r]; b_t: [r, out] or [n, r, out].
     """
 
-    rows: torch.Tensor | None
+    rows: Rows | None
     a_t: torch.Tensor
     b_t: torch.Tensor
 
-    def delta(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def delta(self, x: torch.Tensor) -> tuple[Rows | None, torch.Tensor]:
         """x: [B, T, in] -> (rows, delta [n, T, out]): the deltas of the adapted rows."""
-        rows = x if self.rows is None else x.index_select(0, self.rows)
+        rows = x if self.rows is None else self.rows.take(x)
         return self.rows, lora_delta(rows.to(self.a_t.dtype), self.a_t, self.b_t)
 
 
@@ -52,16 +54,16 @@ class GroupedRoute:
     a_t: [D, in, r], b_t: [D, r, out]: the D adapters present, r the largest of their ranks (not the bank's).
     grid: [D * G] batch rows, group d's rows at d*G .. d*G + G - 1; a group smaller than G repeats its first
     row (computed, never added). take: [n] the grid positions of the adapted rows (None: no repeats);
-    rows: [n] those rows' batch indices, in the same order.
+    rows: those rows of the batch, in the same order.
     """
 
     grid: torch.Tensor
     take: torch.Tensor | None
-    rows: torch.Tensor
+    rows: Rows
     a_t: torch.Tensor
     b_t: torch.Tensor
 
-    def delta(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def delta(self, x: torch.Tensor) -> tuple[Rows, torch.Tensor]:
         """x: [B, T, in] -> (rows, delta [n, T, out])."""
         groups, tokens = self.a_t.shape[0], x.shape[1]
         xs = x.index_select(0, self.grid).to(self.a_t.dtype)  # [D * G, T, in]
@@ -185,7 +187,7 @@ class BankedLinear(nn.Module):
             return None
         locals_ = [self.local_of_slot[slots[i]] for i in rows]
         device = self.a_t.device
-        row_index = None if len(rows) == len(slots) else torch.tensor(rows, device=device)
+        row_index = None if len(rows) == len(slots) else Rows.of(rows, device)
         if len(set(locals_)) == 1:
             return Route(row_index, *self.adapter_weights(slots[rows[0]]))
         index = torch.tensor(locals_, device=device)
@@ -218,7 +220,7 @@ class BankedLinear(nn.Module):
         if self.quantized or delta.dtype == y.dtype:
             delta = delta.to(y.dtype)
             # y is this forward's own output: adding in place is safe and spares a copy.
-            return y.add_(delta) if rows is None else y.index_add_(0, rows, delta)
+            return y.add_(delta) if rows is None else rows.add_into(y, delta)
         if rows is None:
             return (y + delta).to(y.dtype)
-        return y.index_copy_(0, rows, (y.index_select(0, rows) + delta).to(y.dtype))
+        return rows.copy_into(y, (rows.take(y) + delta).to(y.dtype))
