@@ -167,7 +167,7 @@ def ids_tensor(name: str, ids: list[int]) -> pb_utils.Tensor:
 
 
 # How often a stub looks for its tritonserver, and the exit status it leaves with when the server is gone.
-SERVER_WATCH_INTERVAL_S = 0.1
+SERVER_WATCH_INTERVAL_S = 0.02
 ORPHAN_EXIT_CODE = 3
 _server_watch_started = False
 
@@ -183,7 +183,10 @@ def exit_with_the_server() -> None:
     one thread in `Stub::TerminateStubToParentQueueMonitor` waiting on a mutex, others in
     `ResponseSender::Send` and `Metric::SendIncrementRequest`). A stub whose server is gone has nothing left
     to answer or to clean up (the launcher removes stale shared memory), so it exits without any teardown.
-    The server's death shows here at once, as this process being re-parented, before it is even reaped."""
+    The server's death shows here at once, as this process being re-parented, before it is even reaped.
+    This is a Python thread: when Triton's teardown takes the GIL first and then blocks, it cannot run (1 run
+    in 13 under test), and only killing the server's process group helps, as the launcher and
+    `ServerProcess.stop` do."""
     global _server_watch_started
     if _server_watch_started:
         return

@@ -124,11 +124,22 @@ class ServerProcess:
             timeout_s = self.config.exit_timeout_secs + STOP_MARGIN_S
         self.send_signal(signal.SIGINT)
         try:
-            return self.wait(timeout_s)
+            returncode = self.wait(timeout_s)
         except subprocess.TimeoutExpired:
             LOG.warning("tritonserver (pid %d) ignored SIGINT for %.0f s; killing it", self.pid, timeout_s)
             self._popen.kill()
-            return self.wait()
+            returncode = self.wait()
+        self._kill_orphans()
+        return returncode
+
+    def _kill_orphans(self) -> None:
+        """SIGKILL whatever is left of tritonserver's process group once it has exited: stubs that a forced
+        exit orphaned (an exit timeout under load ends with the server exiting, or crashing, before them).
+        Each of our models also leaves when its server is gone (`exit_with_the_server`), but only from a
+        Python thread, which a stub thread blocked in a call to the dead server while holding the GIL can
+        stall; the kernel needs no GIL."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._popen.pid, signal.SIGKILL)
 
     def kill(self) -> int:
         """SIGKILL tritonserver and its stubs at once (its own process group) and return its exit status.
