@@ -215,14 +215,20 @@ def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[li
     common = dict(
         rounds=samples.rounds, background_cores=samples.background_cores, medians_ms=_medians(samples)
     )
+
+    def versus(variant: str, reference: str) -> dict:
+        """A result's ratio (reference time over variant time, per trial) and its context: both times."""
+        return dict(
+            ratio=paired_ratio(samples, reference, variant), context=f"{tok_s(variant)}; {tok_s(reference)}"
+        )
+
     results = [
         Result(
             key="a.mixed",
             title=f"(a) throughput, {plan.batch} distinct LoRA adapters / 1 adapter (B={plan.batch})",
-            ratio=paired_ratio(samples, "uniform", "mixed"),
+            **versus("mixed", "uniform"),
             goal=Goal(">=", 0.90),
             anchor="1.01 (Punica, B=32, A100)",
-            context=f"{tok_s('mixed')}; {tok_s('uniform')}",
             method=(
                 f"Per trial, time of generate_rows for {plan.batch} rows all on adapter a0 divided by "
                 f"the time for the same prompts on {plan.batch} distinct adapters (prefill + "
@@ -236,10 +242,9 @@ def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[li
                 f"(a) throughput, {wide} rows on {plan.batch} adapters ({wide // plan.batch} each) "
                 f"/ {wide} rows on 1 adapter (B={wide})"
             ),
-            ratio=paired_ratio(samples, "uniform_wide", "mixed_wide"),
+            **versus("mixed_wide", "uniform_wide"),
             goal=Goal(">=", 0.90),
             anchor="1.01 (Punica, B=32, A100)",
-            context=f"{tok_s('mixed_wide')}; {tok_s('uniform_wide')}",
             method=(
                 f"Same trials, {wide} rows (the first {plan.batch} prompts of the mixed batch and more): "
                 f"rows cycle over adapters a0..a{plan.batch - 1}, so each adapter's rows are computed as one "
@@ -250,9 +255,8 @@ def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[li
         Result(
             key="a.lora_vs_base",
             title=f"(a) throughput, 1 adapter / base rows (B={plan.batch})",
-            ratio=paired_ratio(samples, "base", "uniform"),
+            **versus("uniform", "base"),
             goal=None,
-            context=f"{tok_s('uniform')}; {tok_s('base')}",
             method="Same trials: base-row time over one-adapter time (Punica reports 0.92 on a GPU).",
             anchor="0.92 / 0.88 (Punica, 7B / 13B)",
             **common,
@@ -263,10 +267,9 @@ def mixed_generation(engine: Engine, plan: Plan, progress: Progress) -> tuple[li
                 f"(a) throughput, {n_lora} LoRA + {len(plan.spec.bottleneck_kinds)} bottleneck + 1 base "
                 f"rows / 1 adapter (B={plan.batch})"
             ),
-            ratio=paired_ratio(samples, "uniform", "kinds"),
+            **versus("kinds", "uniform"),
             goal=Goal(">=", 0.90),
             anchor="none: no system mixes kinds",
-            context=f"{tok_s('kinds')}; {tok_s('uniform')}",
             method=(
                 f"Same trials: the one-adapter time over the time of a batch with rows 0..{n_lora - 1} on "
                 f"LoRA adapters a0..a{n_lora - 1}, one row on each bottleneck preset "
